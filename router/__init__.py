@@ -1,0 +1,88 @@
+"""Routing decisions: which adapter version serves a request, on which engine replica.
+
+Pure decision logic: no I/O, no asyncio, no imports from the other packages.
+Time comes in as an argument and randomness as a stable hash, so every
+decision is reproducible in a unit test.
+"""
+
+from router.health import HealthConfig, ReplicaHealth, Transition
+from router.limits import (
+    Admission,
+    AlreadySettled,
+    Denied,
+    DenyReason,
+    Limiter,
+    TenantLimits,
+    TokenBucket,
+)
+from router.names import (
+    ENGINE_NAME_PREFIX,
+    MAX_MODEL_NAME_LENGTH,
+    InvalidModelName,
+    ModelRef,
+    RefKind,
+    is_reserved_adapter_name,
+    is_valid_adapter_name,
+    parse_model_name,
+)
+from router.placement import (
+    HashRing,
+    NoReplica,
+    PlacementConfig,
+    Placer,
+    Policy,
+    Replica,
+    ReplicaLike,
+)
+from router.versions import (
+    CANARY,
+    PINNED,
+    PRODUCTION,
+    AliasTarget,
+    Choice,
+    NoServableVersion,
+    RoutingView,
+    VersionState,
+    VersionView,
+    canary_bucket,
+    choose_version,
+)
+
+__all__ = [
+    "CANARY",
+    "ENGINE_NAME_PREFIX",
+    "MAX_MODEL_NAME_LENGTH",
+    "PINNED",
+    "PRODUCTION",
+    "Admission",
+    "AliasTarget",
+    "AlreadySettled",
+    "Choice",
+    "Denied",
+    "DenyReason",
+    "HashRing",
+    "HealthConfig",
+    "InvalidModelName",
+    "Limiter",
+    "ModelRef",
+    "NoReplica",
+    "NoServableVersion",
+    "PlacementConfig",
+    "Placer",
+    "Policy",
+    "RefKind",
+    "Replica",
+    "ReplicaHealth",
+    "ReplicaLike",
+    "RoutingView",
+    "TenantLimits",
+    "TokenBucket",
+    "Transition",
+    "VersionState",
+    "VersionView",
+    "canary_bucket",
+    "choose_version",
+    "is_reserved_adapter_name",
+    "is_valid_adapter_name",
+    "parse_model_name",
+]
