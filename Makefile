@@ -1,0 +1,36 @@
+# loraplex: the commands a newcomer needs. `make help` lists them.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo serve test test-unit lint typecheck bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## build .venv with loraplex, vLLM (CPU or GPU build) and the dev tools
+
+$(STAMP): pyproject.toml deploy/install.sh
+	bash deploy/install.sh $(VENV) dev
+
+demo: install  ## build the demo base, start the server, send requests with the openai client
+	$(PY) -m server.demo
+
+serve: install  ## run the gateway with one supervised engine (Ctrl-C stops both)
+	$(VENV)/bin/loraplex serve
+
+lint: install  ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint  ## everything CI runs: lint, unit, PostgreSQL, S3 and end-to-end tests on real vLLM
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install  ## fast tests only (no vLLM engine)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+clean:  ## remove the virtualenv and the embedded state under .loraplex/
+	rm -rf $(VENV) .loraplex .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""loraplex gateway: OpenAI-compatible API, engine supervision, metrics and CLI."""
