@@ -51,7 +51,9 @@ class TenantLimits:
         for name in DenyReason:
             value = getattr(self, name.value)
             if value is not None and value < 1:
-                raise ValueError(f"limit {name.value}={value} must be at least 1, or None (unlimited)")
+                raise ValueError(
+                    f"limit {name.value}={value} must be at least 1, or None (unlimited)"
+                )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ gateway can answer them exactly like an unknown name: they must never reach an
 engine from outside.
 
 Matching is exact and case-sensitive over ASCII only: no Unicode normalisation,
-so a look-alike (Cyrillic "а", fullwidth digits, the Kelvin sign) can never
+so a look-alike (Cyrillic a U+0430, fullwidth digits, the Kelvin sign) can never
 match another tenant's name.
 """
 

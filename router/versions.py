@@ -66,7 +66,9 @@ class AliasTarget:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
-            raise ValueError(f"alias weight {self.weight} is outside 0..1; pass a share such as 0.1")
+            raise ValueError(
+                f"alias weight {self.weight} is outside 0..1; pass a share such as 0.1"
+            )
 
 
 @dataclass(frozen=True, slots=True)
