@@ -199,20 +199,18 @@ class Limiter:
 
 
 def _permanent_denial(limits: TenantLimits, total_tokens: int) -> Denied | None:
-    if limits.max_total_tokens is not None and total_tokens > limits.max_total_tokens:
-        return Denied(
-            DenyReason.MAX_TOTAL_TOKENS,
-            None,
-            f"prompt + max completion is {total_tokens} tokens; your limit is "
-            f"{limits.max_total_tokens}: shorten the prompt or lower max_tokens",
-        )
-    if limits.tokens_per_minute is not None and total_tokens > limits.tokens_per_minute:
-        return Denied(
-            DenyReason.TOKENS_PER_MINUTE,
-            None,
-            f"prompt + max completion is {total_tokens} tokens, more than your whole "
-            f"{limits.tokens_per_minute} tokens/minute: lower max_tokens",
-        )
+    # Either way the same request can never pass: retrying is pointless (no Retry-After).
+    for limit, reason, advice in (
+        (limits.max_total_tokens, DenyReason.MAX_TOTAL_TOKENS, "shorten the prompt or lower"),
+        (limits.tokens_per_minute, DenyReason.TOKENS_PER_MINUTE, "lower"),
+    ):
+        if limit is not None and total_tokens > limit:
+            return Denied(
+                reason,
+                None,
+                f"prompt + max completion is {total_tokens} tokens, over your {reason.value} "
+                f"limit of {limit}: {advice} max_tokens",
+            )
     return None
 
 
