@@ -1,0 +1,84 @@
+"""loraplex registry: the system of record for adapters, versions, base models and tenants.
+
+Public surface: ``Registry`` (the facade), the blob stores, ``UploadLimits``,
+the value types and the errors. Nothing here knows about HTTP or engines.
+"""
+
+from registry.blobs import BlobStore, LocalBlobStore, S3BlobStore, open_blob_store
+from registry.errors import (
+    AdapterRejected,
+    Conflict,
+    CorruptBlob,
+    GateFailed,
+    InvalidLimits,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+)
+from registry.fingerprint import engine_name
+from registry.gates import Gate
+from registry.limits import UploadLimits
+from registry.models import (
+    ADMIN_SCOPE,
+    CANARY,
+    PRODUCTION,
+    TENANT_SCOPE,
+    Adapter,
+    AdapterVersion,
+    ApiKey,
+    AuditEvent,
+    BaseModelRecord,
+    EvalResult,
+    Tenant,
+    Usage,
+)
+from registry.registry import Registry
+from registry.values import (
+    Actor,
+    AliasTarget,
+    Principal,
+    Provenance,
+    RoutingView,
+    TenantLimits,
+    VersionBlob,
+)
+
+__all__ = [
+    "ADMIN_SCOPE",
+    "CANARY",
+    "PRODUCTION",
+    "TENANT_SCOPE",
+    "Actor",
+    "Adapter",
+    "AdapterRejected",
+    "AdapterVersion",
+    "AliasTarget",
+    "ApiKey",
+    "AuditEvent",
+    "BaseModelRecord",
+    "BlobStore",
+    "Conflict",
+    "CorruptBlob",
+    "EvalResult",
+    "Gate",
+    "GateFailed",
+    "InvalidLimits",
+    "InvalidRequest",
+    "LocalBlobStore",
+    "NotFound",
+    "PermissionDenied",
+    "Principal",
+    "Provenance",
+    "Registry",
+    "RegistryError",
+    "RoutingView",
+    "S3BlobStore",
+    "Tenant",
+    "TenantLimits",
+    "UploadLimits",
+    "Usage",
+    "VersionBlob",
+    "engine_name",
+    "open_blob_store",
+]

@@ -1,0 +1,185 @@
+"""Blob stores: a local directory or S3, content-addressed, atomic writes, verified reads.
+
+Keys are derived from fingerprints by the caller. A write becomes visible
+only once complete (temp file + fsync + rename locally; S3 uploads the
+object only after the bytes are all there, multipart for large files). A read
+streams into a temporary file next to its destination, checks the SHA-256
+and raises ``CorruptBlob`` instead of handing out bad bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from registry.errors import CorruptBlob, NotFound
+
+_CHUNK = 1 << 20
+
+
+class BlobStore(Protocol):
+    """Where adapter blobs live. Implementations must be safe to share between threads."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def put(self, key: str, source: Path) -> None:
+        """Store ``source`` under ``key`` atomically; a no-op if ``key`` exists."""
+
+    def fetch(self, key: str, sha256: str, dest: Path) -> None:
+        """Write the blob to ``dest`` after checking it hashes to ``sha256``."""
+
+    def delete(self, key: str) -> None: ...
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _temp_beside(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temp file in ``dest``'s directory, removed unless the caller renamed it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _commit(f: BinaryIO, tmp: Path, dest: Path) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
+def _verified_copy(chunks: Iterator[bytes], key: str, sha256: str, dest: Path) -> None:
+    with _temp_beside(dest) as (f, tmp):
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
+            f.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise CorruptBlob(key, sha256, digest.hexdigest())
+        _commit(f, tmp, dest)
+
+
+def _missing(key: str) -> NotFound:
+    return NotFound(f"blob {key} is missing from the blob store; restore it from backup")
+
+
+class LocalBlobStore:
+    """Blobs as files under one directory (the embedded default)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalBlobStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def put(self, key: str, source: Path) -> None:
+        dest = self._path(key)
+        if dest.is_file():
+            return
+        with _temp_beside(dest) as (f, tmp), source.open("rb") as src:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                f.write(chunk)
+            _commit(f, tmp, dest)
+
+    def fetch(self, key: str, sha256: str, dest: Path) -> None:
+        path = self._path(key)
+        try:
+            src = path.open("rb")
+        except FileNotFoundError:
+            raise _missing(key) from None
+        with src:
+            _verified_copy(iter(lambda: src.read(_CHUNK), b""), key, sha256, dest)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3BlobStore:
+    """Blobs as objects in an S3 bucket (AWS or S3-compatible, e.g. SeaweedFS, MinIO)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        multipart_threshold: int = 64 << 20,
+        client: Any = None,
+    ) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url or None)
+        # upload_file sends one PUT, or a multipart upload completed only after every part.
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold)
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def put(self, key: str, source: Path) -> None:
+        if self.exists(key):
+            return
+        self.client.upload_file(str(source), self.bucket, self._key(key), Config=self.transfer)
+
+    def fetch(self, key: str, sha256: str, dest: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise _missing(key) from None
+            raise
+        body = response["Body"]
+        with contextlib.closing(body):
+            _verified_copy(body.iter_chunks(_CHUNK), key, sha256, dest)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def open_blob_store(url: str, s3_endpoint_url: str | None = None) -> BlobStore:
+    """``s3://bucket/prefix`` -> S3BlobStore; anything else is a local directory path."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"blob URL {url!r} names no bucket; use s3://bucket/prefix")
+        return S3BlobStore(bucket, prefix, endpoint_url=s3_endpoint_url)
+    return LocalBlobStore(Path(url).expanduser())
