@@ -8,12 +8,14 @@ pickle weights are refused by name). All problems are reported together.
 
 from __future__ import annotations
 
+import io
 import shutil
 import stat
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -53,8 +55,10 @@ def _member_problems(member: Member, limits: UploadLimits) -> list[str]:
     if member.kind != "file":
         return [f"{member.name}: is a {member.kind}; only regular files are allowed"]
     if member.size > limits.max_member_bytes:
-        return [f"{member.name}: {member.size} bytes exceeds the {limits.max_member_bytes}-byte "
-                "limit per file"]  # fmt: skip
+        return [
+            f"{member.name}: {member.size} bytes exceeds the {limits.max_member_bytes}-byte "
+            "limit per file"
+        ]
     return _file_kind_problems(member.name, path.name)
 
 
@@ -84,8 +88,10 @@ def _layout_problems(members: list[Member], limits: UploadLimits) -> list[str]:
         if not found:
             problems.append(f"{required} is missing; upload the output of PEFT save_pretrained")
         elif len(found) > 1:
-            problems.append(f"{required} appears {len(found)} times ({', '.join(found)}); "
-                            "upload one adapter at a time")  # fmt: skip
+            problems.append(
+                f"{required} appears {len(found)} times ({', '.join(found)}); "
+                "upload one adapter at a time"
+            )
     parents = {_parent(m) for m in members if m.kind == "file" and _basename(m) in REQUIRED_FILES}
     if len(parents) > 1:
         problems.append(f"{CONFIG_FILE} and {WEIGHTS_FILE} must sit in the same folder")
@@ -121,7 +127,7 @@ def _directory_members(root: Path) -> Iterator[Member]:
         info = path.lstat()
         kind = _kind_from_mode(info.st_mode)
         name = path.relative_to(root).as_posix()
-        yield Member(name, info.st_size, kind, lambda p=path: p.open("rb"))  # type: ignore[misc]
+        yield Member(name, info.st_size, kind, partial(_open_path, path))
 
 
 def _kind_from_mode(mode: int) -> str:
@@ -137,13 +143,17 @@ def _kind_from_mode(mode: int) -> str:
 def _tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
     for info in iter(tar.next, None):
         kind = (
-            "file" if info.isfile()
-            else "dir" if info.isdir()
-            else "symbolic link" if info.issym()
-            else "hard link" if info.islnk()
+            "file"
+            if info.isfile()
+            else "dir"
+            if info.isdir()
+            else "symbolic link"
+            if info.issym()
+            else "hard link"
+            if info.islnk()
             else "device or special file"
-        )  # fmt: skip
-        yield Member(info.name, info.size, kind, lambda i=info: _tar_open(tar, i))  # type: ignore[misc]
+        )
+        yield Member(info.name, info.size, kind, partial(_tar_open, tar, info))
 
 
 def _tar_open(tar: tarfile.TarFile, info: tarfile.TarInfo) -> BinaryIO:
@@ -156,21 +166,23 @@ def _zip_members(archive: zipfile.ZipFile) -> Iterator[Member]:
     for info in archive.infolist():
         mode = info.external_attr >> 16
         kind = "dir" if info.is_dir() else _kind_from_mode(mode) if mode else "file"
-        yield Member(info.filename, info.file_size, kind, lambda i=info: archive.open(i))  # type: ignore[misc]
+        yield Member(info.filename, info.file_size, kind, partial(_zip_open, archive, info))
 
 
 def _mapping_members(files: Mapping[str, bytes | Path]) -> Iterator[Member]:
     for name, content in files.items():
         if isinstance(content, bytes):
-            yield Member(name, len(content), "file", lambda c=content: _bytes_io(c))  # type: ignore[misc]
+            yield Member(name, len(content), "file", partial(io.BytesIO, content))
         else:
-            yield Member(name, content.stat().st_size, "file", lambda p=content: p.open("rb"))  # type: ignore[misc]
+            yield Member(name, content.stat().st_size, "file", partial(_open_path, content))
 
 
-def _bytes_io(content: bytes) -> BinaryIO:
-    import io
+def _open_path(path: Path) -> BinaryIO:
+    return path.open("rb")
 
-    return io.BytesIO(content)
+
+def _zip_open(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> BinaryIO:
+    return archive.open(info)  # type: ignore[return-value]
 
 
 def _copy_bounded(member: Member, dest: Path, limits: UploadLimits) -> None:

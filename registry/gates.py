@@ -44,9 +44,13 @@ def _worse(value: float, bound: float, higher_is_better: bool) -> bool:
 
 
 def gate_failures(
-    session: Session, gates: list[Gate], candidate_id: int, candidate: int,
-    production_id: int | None, production: int | None,
-) -> list[str]:  # fmt: skip
+    session: Session,
+    gates: list[Gate],
+    candidate_id: int,
+    candidate: int,
+    production_id: int | None,
+    production: int | None,
+) -> list[str]:
     """Every gate the candidate version fails, as messages naming the numbers involved."""
     failures = []
     for gate in gates:

@@ -57,9 +57,15 @@ def _snapshot(session: Session, adapter_id: int) -> dict[str, object]:
 
 
 def move_alias(
-    session: Session, adapter: Adapter, name: str, version: AdapterVersion, weight: float,
-    change: Change, action: str, extra: dict[str, object] | None = None,
-) -> Alias:  # fmt: skip
+    session: Session,
+    adapter: Adapter,
+    name: str,
+    version: AdapterVersion,
+    weight: float,
+    change: Change,
+    action: str,
+    extra: dict[str, object] | None = None,
+) -> Alias:
     """Point alias ``name`` at ``version``; record history and audit."""
     assert adapter.id is not None and version.id is not None
     before = _snapshot(session, adapter.id)
@@ -69,20 +75,37 @@ def move_alias(
         current = Alias(adapter_id=adapter.id, name=name, version_id=version.id)
     current.version_id, current.weight, current.updated_at = version.id, weight, utcnow()
     session.add(current)
-    session.add(AliasHistory(adapter_id=adapter.id, alias=name, action=action,
-                             version_id=version.id, previous_version_id=previous_id,
-                             actor=change.actor))  # fmt: skip
+    session.add(
+        AliasHistory(
+            adapter_id=adapter.id,
+            alias=name,
+            action=action,
+            version_id=version.id,
+            previous_version_id=previous_id,
+            actor=change.actor,
+        )
+    )
     session.flush()
     after: dict[str, object] = {"aliases": _snapshot(session, adapter.id), **(extra or {})}
-    audit.record(session, change.actor, action, change.subject, tenant_id=change.tenant_id,
-                 before={"aliases": before}, after=after)  # fmt: skip
+    audit.record(
+        session,
+        change.actor,
+        action,
+        change.subject,
+        tenant_id=change.tenant_id,
+        before={"aliases": before},
+        after=after,
+    )
     return current
 
 
 def promote(
-    session: Session, adapter: Adapter, version: AdapterVersion, change: Change,
+    session: Session,
+    adapter: Adapter,
+    version: AdapterVersion,
+    change: Change,
     extra: dict[str, object] | None = None,
-) -> Alias:  # fmt: skip
+) -> Alias:
     _require_active(version, "promoted")
     return move_alias(session, adapter, PRODUCTION, version, 1.0, change, "adapter.promote", extra)
 
@@ -103,12 +126,25 @@ def clear_canary(session: Session, adapter: Adapter, change: Change) -> None:
         raise Conflict("the adapter has no canary alias to clear")
     before = _snapshot(session, adapter.id)
     session.delete(current)
-    session.add(AliasHistory(adapter_id=adapter.id, alias=CANARY, action="adapter.canary_clear",
-                             previous_version_id=current.version_id, actor=change.actor))  # fmt: skip
+    session.add(
+        AliasHistory(
+            adapter_id=adapter.id,
+            alias=CANARY,
+            action="adapter.canary_clear",
+            previous_version_id=current.version_id,
+            actor=change.actor,
+        )
+    )
     session.flush()
-    audit.record(session, change.actor, "adapter.canary_clear", change.subject,
-                 tenant_id=change.tenant_id, before={"aliases": before},
-                 after={"aliases": _snapshot(session, adapter.id)})  # fmt: skip
+    audit.record(
+        session,
+        change.actor,
+        "adapter.canary_clear",
+        change.subject,
+        tenant_id=change.tenant_id,
+        before={"aliases": before},
+        after={"aliases": _snapshot(session, adapter.id)},
+    )
 
 
 def rollback(session: Session, adapter: Adapter, change: Change) -> Alias:
@@ -135,8 +171,9 @@ def set_state(
 ) -> None:
     """Archive or retire a version; refused while an alias points at it."""
     assert adapter.id is not None
-    holding = sorted(a.name for a in aliases(session, adapter.id).values()
-                     if a.version_id == version.id)  # fmt: skip
+    holding = sorted(
+        a.name for a in aliases(session, adapter.id).values() if a.version_id == version.id
+    )
     if holding:
         raise Conflict(
             f"version {version.number} is the target of alias(es) {', '.join(holding)}; "
@@ -147,6 +184,12 @@ def set_state(
     before = {"version": version.number, "state": version.state}
     version.state = state
     session.add(version)
-    audit.record(session, change.actor, f"adapter.{state.removesuffix('d')}", change.subject,
-                 tenant_id=change.tenant_id, before=before,
-                 after={"version": version.number, "state": state})  # fmt: skip
+    audit.record(
+        session,
+        change.actor,
+        f"adapter.{state.removesuffix('d')}",
+        change.subject,
+        tenant_id=change.tenant_id,
+        before=before,
+        after={"version": version.number, "state": state},
+    )

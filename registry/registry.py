@@ -119,8 +119,14 @@ class Registry:
             with self._write() as s:
                 s.add(tenant)
                 s.flush()
-                audit.record(s, actor.name, "tenant.create", f"tenant:{name}",
-                             tenant_id=tenant.id, after=tenant.model_dump(mode="json"))  # fmt: skip
+                audit.record(
+                    s,
+                    actor.name,
+                    "tenant.create",
+                    f"tenant:{name}",
+                    tenant_id=tenant.id,
+                    after=tenant.model_dump(mode="json"),
+                )
         except IntegrityError:
             raise Conflict(f"tenant {name!r} already exists; pick another name") from None
         return tenant
@@ -141,8 +147,15 @@ class Registry:
             for key, value in asdict(limits).items():
                 setattr(row, key, value)
             s.add(row)
-            audit.record(s, actor.name, "tenant.limits", f"tenant:{row.name}",
-                         tenant_id=row.id, before=before, after=asdict(limits))  # fmt: skip
+            audit.record(
+                s,
+                actor.name,
+                "tenant.limits",
+                f"tenant:{row.name}",
+                tenant_id=row.id,
+                before=before,
+                after=asdict(limits),
+            )
         return row
 
     def tenant_limits(self, tenant: int | str) -> TenantLimits:
@@ -167,15 +180,26 @@ class Registry:
         if (scope == TENANT_SCOPE) != (tenant_id is not None):
             raise InvalidRequest("tenant keys need a tenant; admin keys must have none")
         plaintext = new_key()
-        record = ApiKey(key_sha256=key_sha256(plaintext), prefix=display_prefix(plaintext),
-                        scope=scope, tenant_id=tenant_id, name=name)  # fmt: skip
+        record = ApiKey(
+            key_sha256=key_sha256(plaintext),
+            prefix=display_prefix(plaintext),
+            scope=scope,
+            tenant_id=tenant_id,
+            name=name,
+        )
         with self._write() as s:
             if tenant_id is not None:
                 self._tenant(s, tenant_id)
             s.add(record)
             s.flush()
-            audit.record(s, actor.name, "key.create", f"key:{record.id}", tenant_id=tenant_id,
-                         after={"scope": scope, "prefix": record.prefix, "name": name})  # fmt: skip
+            audit.record(
+                s,
+                actor.name,
+                "key.create",
+                f"key:{record.id}",
+                tenant_id=tenant_id,
+                after={"scope": scope, "prefix": record.prefix, "name": name},
+            )
         return record, plaintext
 
     def revoke_api_key(self, key_id: int, actor: Actor) -> ApiKey:
@@ -186,8 +210,9 @@ class Registry:
             if record.revoked_at is None:
                 record.revoked_at = utcnow()
                 s.add(record)
-                audit.record(s, actor.name, "key.revoke", f"key:{key_id}",
-                             tenant_id=record.tenant_id)  # fmt: skip
+                audit.record(
+                    s, actor.name, "key.revoke", f"key:{key_id}", tenant_id=record.tenant_id
+                )
         return record
 
     def list_api_keys(self, tenant_id: int | None = None) -> list[ApiKey]:
@@ -222,21 +247,33 @@ class Registry:
             ).first()
             if existing is not None:
                 if (existing.name, existing.revision) != (name, revision):
-                    raise Conflict(f"these weights are already registered as base "
-                                   f"{existing.name!r} revision {existing.revision!r}")  # fmt: skip
+                    raise Conflict(
+                        f"these weights are already registered as base "
+                        f"{existing.name!r} revision {existing.revision!r}"
+                    )
                 return existing
-            base = BaseModelRecord(name=name, revision=revision, fingerprint=info.fingerprint,
-                                   architecture=info.architecture,
-                                   module_table=info.module_table)  # fmt: skip
+            base = BaseModelRecord(
+                name=name,
+                revision=revision,
+                fingerprint=info.fingerprint,
+                architecture=info.architecture,
+                module_table=info.module_table,
+            )
             s.add(base)
             try:
                 s.flush()
             except IntegrityError:
-                raise Conflict(f"base {name!r} revision {revision!r} is already registered "
-                               "with other weights; use a new revision")  # fmt: skip from None
-            audit.record(s, actor.name, "base.register", f"base:{name}@{revision}",
-                         after={"fingerprint": info.fingerprint,
-                                "architecture": info.architecture})  # fmt: skip
+                raise Conflict(
+                    f"base {name!r} revision {revision!r} is already registered "
+                    "with other weights; use a new revision"
+                ) from None
+            audit.record(
+                s,
+                actor.name,
+                "base.register",
+                f"base:{name}@{revision}",
+                after={"fingerprint": info.fingerprint, "architecture": info.architecture},
+            )
         return base
 
     def list_bases(self) -> list[BaseModelRecord]:
@@ -260,12 +297,15 @@ class Registry:
             b for b in bases if ref in (f"{b.name}@{b.revision}", b.name, b.revision)
         ]
         if not matches:
-            raise NotFound(f"base {ref!r} names no registered base model (by name, revision or "
-                           "fingerprint); list bases or register it first")  # fmt: skip
+            raise NotFound(
+                f"base {ref!r} names no registered base model (by name, revision or "
+                "fingerprint); list bases or register it first"
+            )
         if len(matches) > 1:
             names = ", ".join(f"{b.name}@{b.revision}" for b in matches)
-            raise Conflict(f"base {ref!r} is ambiguous ({names}); pin it as name@revision "
-                           "or by fingerprint")  # fmt: skip
+            raise Conflict(
+                f"base {ref!r} is ambiguous ({names}); pin it as name@revision or by fingerprint"
+            )
         return matches[0]
 
     def deprecate_base(self, ref: str, reason: str, actor: Actor) -> int:
@@ -281,8 +321,13 @@ class Registry:
                 s.add(version)
             base.deprecated_at, base.deprecation_reason = utcnow(), reason
             s.add(base)
-            audit.record(s, actor.name, "base.deprecate", f"base:{base.name}@{base.revision}",
-                         after={"reason": reason, "flagged_versions": len(versions)})  # fmt: skip
+            audit.record(
+                s,
+                actor.name,
+                "base.deprecate",
+                f"base:{base.name}@{base.revision}",
+                after={"reason": reason, "flagged_versions": len(versions)},
+            )
         return len(versions)
 
     # -- adapters and versions ---------------------------------------------
@@ -309,11 +354,17 @@ class Registry:
             sha256, size = build_bundle(adapter, Path(tmp) / "bundle.tar")
             self.blobs.put(key, Path(tmp) / "bundle.tar")
         version = dict(
-            fingerprint=adapter.fingerprint, engine_name=engine_name(adapter.fingerprint),
-            base_id=pinned.id, rank=adapter.rank, alpha=adapter.alpha,
-            target_modules=adapter.target_modules, size_bytes=size, blob_sha256=sha256,
-            blob_key=key, created_by=actor.name,
-        )  # fmt: skip
+            fingerprint=adapter.fingerprint,
+            engine_name=engine_name(adapter.fingerprint),
+            base_id=pinned.id,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            target_modules=adapter.target_modules,
+            size_bytes=size,
+            blob_sha256=sha256,
+            blob_key=key,
+            created_by=actor.name,
+        )
         return self._insert_version(tenant_id, name, version, provenance, description, actor)
 
     def _stage_and_validate(
@@ -322,11 +373,14 @@ class Registry:
         problems: list[str] = []
         pinned = self.find_base(base)
         if pinned is None:
-            problems.append(f"base {base!r} names no registered base model (by name, revision "
-                            "or fingerprint); list bases and pin one of them")  # fmt: skip
+            problems.append(
+                f"base {base!r} names no registered base model (by name, revision "
+                "or fingerprint); list bases and pin one of them"
+            )
         elif pinned.deprecated_at is not None:
-            problems.append(f"base {base!r} is deprecated ({pinned.deprecation_reason}); "
-                            "train on its successor")  # fmt: skip
+            problems.append(
+                f"base {base!r} is deprecated ({pinned.deprecation_reason}); train on its successor"
+            )
         try:
             staged = stage_upload(source, self.limits, tmp / "staged")
         except AdapterRejected as exc:
@@ -337,8 +391,10 @@ class Registry:
 
     def _existing(self, version: AdapterVersion, pinned: BaseModelRecord) -> AdapterVersion:
         if version.base_id != pinned.id:
-            raise Conflict(f"version {version.number} already holds these exact weights pinned "
-                           "to another base; push them as a new adapter")  # fmt: skip
+            raise Conflict(
+                f"version {version.number} already holds these exact weights pinned "
+                "to another base; push them as a new adapter"
+            )
         return version
 
     def _version_by_fingerprint(
@@ -352,13 +408,19 @@ class Registry:
         ).first()
 
     def _insert_version(
-        self, tenant_id: int, name: str, version: dict[str, Any],
-        provenance: Provenance | None, description: str | None, actor: Actor,
-    ) -> AdapterVersion:  # fmt: skip
+        self,
+        tenant_id: int,
+        name: str,
+        version: dict[str, Any],
+        provenance: Provenance | None,
+        description: str | None,
+        actor: Actor,
+    ) -> AdapterVersion:
         for attempt in range(3):
             try:
-                return self._insert_version_once(tenant_id, name, version, provenance,
-                                                 description, actor)  # fmt: skip
+                return self._insert_version_once(
+                    tenant_id, name, version, provenance, description, actor
+                )
             except IntegrityError:
                 # A concurrent push created the adapter or the same version first.
                 with self._read() as s:
@@ -370,9 +432,14 @@ class Registry:
         raise AssertionError("unreachable")
 
     def _insert_version_once(
-        self, tenant_id: int, name: str, fields: dict[str, Any],
-        provenance: Provenance | None, description: str | None, actor: Actor,
-    ) -> AdapterVersion:  # fmt: skip
+        self,
+        tenant_id: int,
+        name: str,
+        fields: dict[str, Any],
+        provenance: Provenance | None,
+        description: str | None,
+        actor: Actor,
+    ) -> AdapterVersion:
         with self._write() as s:
             adapter = self._adapter(s, tenant_id, name, lock=True, create=True)
             same = self._version_by_fingerprint(s, tenant_id, name, fields["fingerprint"])
@@ -382,14 +449,22 @@ class Registry:
                 adapter.description = description
                 s.add(adapter)
             last = s.exec(
-                select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == adapter.id)
+                select(func.max(AdapterVersion.number)).where(
+                    AdapterVersion.adapter_id == adapter.id
+                )
             ).one()
-            version = AdapterVersion(adapter_id=adapter.id, number=(last or 0) + 1, **fields)
+            version = AdapterVersion(adapter_id=adapter.id or 0, number=(last or 0) + 1, **fields)
             self._apply_provenance(s, adapter, version, provenance)
             s.add(version)
             s.flush()
-            audit.record(s, actor.name, "adapter.push", self._subject(s, adapter, version.number),
-                         tenant_id=tenant_id, after=_version_summary(version))  # fmt: skip
+            audit.record(
+                s,
+                actor.name,
+                "adapter.push",
+                self._subject(s, adapter, version.number),
+                tenant_id=tenant_id,
+                after=_version_summary(version),
+            )
         return version
 
     def _apply_provenance(
@@ -420,9 +495,10 @@ class Registry:
 
     def _version(self, s: Session, adapter: Adapter, number: int) -> AdapterVersion:
         version = s.exec(
-            select(AdapterVersion)
-            .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number)
-        ).first()  # fmt: skip
+            select(AdapterVersion).where(
+                AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number
+            )
+        ).first()
         if version is None:
             raise NotFound(f"adapter {adapter.name!r} has no version {number}; list its versions")
         return version
@@ -462,19 +538,38 @@ class Registry:
     # -- evals and gates ---------------------------------------------------
 
     def add_eval_result(
-        self, tenant_id: int, name: str, number: int, suite: str, metric: str, value: float,
-        actor: Actor, sample_count: int | None = None, dataset_sha256: str | None = None,
-    ) -> EvalResult:  # fmt: skip
+        self,
+        tenant_id: int,
+        name: str,
+        number: int,
+        suite: str,
+        metric: str,
+        value: float,
+        actor: Actor,
+        sample_count: int | None = None,
+        dataset_sha256: str | None = None,
+    ) -> EvalResult:
         with self._write() as s:
             adapter = self._adapter(s, tenant_id, name)
             version = self._version(s, adapter, number)
-            result = EvalResult(version_id=version.id or 0, suite=suite, metric=metric,
-                                value=value, sample_count=sample_count,
-                                dataset_sha256=dataset_sha256, created_by=actor.name)  # fmt: skip
+            result = EvalResult(
+                version_id=version.id or 0,
+                suite=suite,
+                metric=metric,
+                value=value,
+                sample_count=sample_count,
+                dataset_sha256=dataset_sha256,
+                created_by=actor.name,
+            )
             s.add(result)
-            audit.record(s, actor.name, "adapter.eval", self._subject(s, adapter, number),
-                         tenant_id=tenant_id, after={"suite": suite, "metric": metric,
-                                                     "value": value})  # fmt: skip
+            audit.record(
+                s,
+                actor.name,
+                "adapter.eval",
+                self._subject(s, adapter, number),
+                tenant_id=tenant_id,
+                after={"suite": suite, "metric": metric, "value": value},
+            )
         return result
 
     def eval_results(self, tenant_id: int, name: str, number: int) -> list[EvalResult]:
@@ -492,8 +587,14 @@ class Registry:
             s.flush()
             for gate in gates:
                 s.add(PromotionGate(adapter_id=adapter.id or 0, **asdict(gate)))
-            audit.record(s, actor.name, "adapter.gates", self._subject(s, adapter),
-                         tenant_id=tenant_id, after={"gates": [asdict(g) for g in gates]})  # fmt: skip
+            audit.record(
+                s,
+                actor.name,
+                "adapter.gates",
+                self._subject(s, adapter),
+                tenant_id=tenant_id,
+                after={"gates": [asdict(g) for g in gates]},
+            )
 
     def get_gates(self, tenant_id: int, name: str) -> list[Gate]:
         with self._read() as s:
@@ -504,8 +605,9 @@ class Registry:
     # -- lifecycle ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, tenant_id: int, name: str, actor: Actor
-                ) -> Iterator[tuple[Session, Adapter, lifecycle.Change]]:  # fmt: skip
+    def _locked(
+        self, tenant_id: int, name: str, actor: Actor
+    ) -> Iterator[tuple[Session, Adapter, lifecycle.Change]]:
         with self._write() as s:
             adapter = self._adapter(s, tenant_id, name, lock=True)
             yield s, adapter, lifecycle.Change(actor.name, self._subject(s, adapter), tenant_id)
@@ -532,9 +634,14 @@ class Registry:
             return []
         current = lifecycle.aliases(s, adapter.id).get(PRODUCTION)
         production = s.get(AdapterVersion, current.version_id) if current else None
-        return gate_failures(s, [Gate.from_row(r) for r in rows], version.id, version.number,
-                             production.id if production else None,
-                             production.number if production else None)  # fmt: skip
+        return gate_failures(
+            s,
+            [Gate.from_row(r) for r in rows],
+            version.id,
+            version.number,
+            production.id if production else None,
+            production.number if production else None,
+        )
 
     def canary(
         self, tenant_id: int, name: str, number: int, weight: float, actor: Actor
@@ -584,14 +691,17 @@ class Registry:
                 select(AdapterVersion)
                 .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.state == ACTIVE)
                 .order_by(col(AdapterVersion.number))
-            ).all()  # fmt: skip
+            ).all()
             by_id = {v.id: v for v in versions}
             aliases = {
-                alias.name: AliasTarget(by_id[alias.version_id].number,
-                                        by_id[alias.version_id].engine_name, alias.weight)
+                alias.name: AliasTarget(
+                    by_id[alias.version_id].number,
+                    by_id[alias.version_id].engine_name,
+                    alias.weight,
+                )
                 for alias in lifecycle.aliases(s, adapter.id).values()
                 if alias.version_id in by_id
-            }  # fmt: skip
+            }
         return RoutingView(adapter.id, tenant_id, adapter.name, list(versions), aliases)
 
     def version_by_engine_name(self, name: str) -> VersionBlob | None:
@@ -602,7 +712,7 @@ class Registry:
                 .join(BaseModelRecord, col(BaseModelRecord.id) == AdapterVersion.base_id)
                 .where(AdapterVersion.engine_name == name, AdapterVersion.state == ACTIVE)
                 .order_by(col(AdapterVersion.id))
-            ).first()  # fmt: skip
+            ).first()
         if row is None:
             return None
         version, base = row
@@ -634,21 +744,36 @@ class Registry:
     # -- usage and audit ---------------------------------------------------
 
     def record_usage(
-        self, tenant_id: int, adapter: str = "", version: int = 0, *, requests: int = 1,
-        prompt_tokens: int = 0, completion_tokens: int = 0, day: dt.date | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        tenant_id: int,
+        adapter: str = "",
+        version: int = 0,
+        *,
+        requests: int = 1,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        day: dt.date | None = None,
+    ) -> None:
         """Add to a tenant's daily counters (base-model traffic: adapter "" and version 0)."""
-        values = {"tenant_id": tenant_id, "adapter": adapter, "version": version,
-                  "day": day or utcnow().date(), "requests": requests,
-                  "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}  # fmt: skip
+        values = {
+            "tenant_id": tenant_id,
+            "adapter": adapter,
+            "version": version,
+            "day": day or utcnow().date(),
+            "requests": requests,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+        }
         insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         table = Usage.__table__  # type: ignore[attr-defined]
         stmt = insert(table).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=["tenant_id", "adapter", "version", "day"],
-            set_={k: table.c[k] + stmt.excluded[k]
-                  for k in ("requests", "prompt_tokens", "completion_tokens")},
-        )  # fmt: skip
+            set_={
+                k: table.c[k] + stmt.excluded[k]
+                for k in ("requests", "prompt_tokens", "completion_tokens")
+            },
+        )
         with self._write() as s:
             s.execute(stmt)
 
@@ -660,9 +785,13 @@ class Registry:
             return list(s.exec(query.order_by(col(Usage.day), col(Usage.adapter))).all())
 
     def audit_log(
-        self, *, tenant_id: int | None = None, action: str | None = None,
-        subject_prefix: str | None = None, limit: int = 1000,
-    ) -> list[AuditEvent]:  # fmt: skip
+        self,
+        *,
+        tenant_id: int | None = None,
+        action: str | None = None,
+        subject_prefix: str | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
         """Audit events, oldest first (the newest ``limit`` of them)."""
         with self._read() as s:
             query = select(AuditEvent)
@@ -679,8 +808,9 @@ class Registry:
 def _check_limits(limits: TenantLimits) -> None:
     bad = [f.name for f in fields(limits) if (v := getattr(limits, f.name)) is not None and v < 1]
     if bad:
-        raise InvalidLimits(f"tenant limits {', '.join(bad)} must be at least 1, or unset "
-                            "for unlimited")  # fmt: skip
+        raise InvalidLimits(
+            f"tenant limits {', '.join(bad)} must be at least 1, or unset for unlimited"
+        )
 
 
 def _limits_of(tenant: Tenant) -> dict[str, int | None]:
@@ -688,6 +818,11 @@ def _limits_of(tenant: Tenant) -> dict[str, int | None]:
 
 
 def _version_summary(version: AdapterVersion) -> dict[str, Any]:
-    return {"version": version.number, "fingerprint": version.fingerprint,
-            "engine_name": version.engine_name, "base_id": version.base_id,
-            "rank": version.rank, "size_bytes": version.size_bytes}  # fmt: skip
+    return {
+        "version": version.number,
+        "fingerprint": version.fingerprint,
+        "engine_name": version.engine_name,
+        "base_id": version.base_id,
+        "rank": version.rank,
+        "size_bytes": version.size_bytes,
+    }

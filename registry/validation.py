@@ -21,6 +21,18 @@ from registry.limits import UploadLimits
 from registry.safetensors_io import SafetensorsError, TensorInfo, has_nonfinite, read_header
 
 SERVABLE_DTYPES = ("F32", "F16", "BF16")
+# PEFT options (newer than DoRA and modules_to_save) that change what the weights mean in
+# ways vLLM's LoRA layers do not implement; any truthy value is refused.
+UNSERVABLE_OPTIONS = (
+    "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "use_qalora",
+    "use_bdlora",
+    "monteclora_config",
+    "velora_config",
+)
 # PEFT saves adapter tensors as base_model.model.<module path>.lora_A.weight (or lora_B).
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -64,19 +76,26 @@ def config_problems(config: dict[str, Any], limits: UploadLimits) -> list[str]:
     """What in a LoRA config vLLM cannot serve, or the limits forbid."""
     where = CONFIG_FILE
     if config.get("peft_type") != "LORA":
-        return [f"{where}: peft_type is {config.get('peft_type')!r}; only LoRA adapters "
-                "(peft_type 'LORA') can be served"]  # fmt: skip
+        return [
+            f"{where}: peft_type is {config.get('peft_type')!r}; only LoRA adapters "
+            "(peft_type 'LORA') can be served"
+        ]
     problems = []
     if config.get("use_dora"):
-        problems.append(f"{where}: uses DoRA (use_dora: true), which vLLM cannot serve; "
-                        "train with use_dora=False")  # fmt: skip
+        problems.append(
+            f"{where}: uses DoRA (use_dora: true), which vLLM cannot serve; "
+            "train with use_dora=False"
+        )
     if config.get("modules_to_save"):
-        problems.append(f"{where}: modules_to_save {config['modules_to_save']} is set; vLLM "
-                        "serves only LoRA weights, so train without modules_to_save")  # fmt: skip
+        problems.append(
+            f"{where}: modules_to_save {config['modules_to_save']} is set; vLLM "
+            "serves only LoRA weights, so train without modules_to_save"
+        )
     if config.get("bias", "none") != "none":
         problems.append(f"{where}: bias is {config['bias']!r}; vLLM serves only bias 'none'")
-    if config.get("lora_bias"):
-        problems.append(f"{where}: lora_bias is set; vLLM serves only adapters without it")
+    for option in UNSERVABLE_OPTIONS:
+        if config.get(option):
+            problems.append(f"{where}: {option} is set; vLLM cannot serve adapters that use it")
     problems += _rank_problems(config, limits)
     if not isinstance(config.get("lora_alpha", 8), int | float):
         problems.append(f"{where}: lora_alpha {config['lora_alpha']!r} is not a number")
@@ -91,8 +110,10 @@ def _rank_problems(config: dict[str, Any], limits: UploadLimits) -> list[str]:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             problems.append(f"{CONFIG_FILE}: {field} {rank!r} is not a positive integer")
         elif rank > limits.max_rank:
-            problems.append(f"{CONFIG_FILE}: {field} is {rank}, above the maximum rank "
-                            f"{limits.max_rank}; retrain with a smaller r")  # fmt: skip
+            problems.append(
+                f"{CONFIG_FILE}: {field} is {rank}, above the maximum rank "
+                f"{limits.max_rank}; retrain with a smaller r"
+            )
     return problems
 
 
@@ -110,14 +131,18 @@ def _pattern_value(module: str, patterns: dict[str, Any], default: Any) -> Any:
     return default
 
 
-def _group_tensors(tensors: dict[str, TensorInfo]) -> tuple[dict[str, dict[str, TensorInfo]], list[str]]:
+def _group_tensors(
+    tensors: dict[str, TensorInfo],
+) -> tuple[dict[str, dict[str, TensorInfo]], list[str]]:
     modules: dict[str, dict[str, TensorInfo]] = {}
     problems = []
     for name, info in sorted(tensors.items()):
         match = _TENSOR_NAME.match(name)
         if match is None:
-            problems.append(f"{WEIGHTS_FILE}: tensor {name!r} is not a LoRA weight "
-                            "(expected base_model.model.<module>.lora_A/lora_B.weight)")  # fmt: skip
+            problems.append(
+                f"{WEIGHTS_FILE}: tensor {name!r} is not a LoRA weight "
+                "(expected base_model.model.<module>.lora_A/lora_B.weight)"
+            )
             continue
         modules.setdefault(match["module"], {})[match["part"]] = info
     return modules, problems
@@ -134,8 +159,10 @@ def tensor_problems(
     if isinstance(targets, list):
         for target in sorted(targets):
             if not any(_matches(path, [target]) for path in module_table):
-                problems.append(f"{CONFIG_FILE}: target module {target!r} matches no module of "
-                                "the pinned base model")  # fmt: skip
+                problems.append(
+                    f"{CONFIG_FILE}: target module {target!r} matches no module of "
+                    "the pinned base model"
+                )
     for module, parts in sorted(modules.items()):
         problems += _module_problems(module, parts, config, module_table)
     return problems
@@ -145,12 +172,15 @@ def _module_problems(
     module: str, parts: dict[str, TensorInfo], config: dict[str, Any], table: dict[str, list[int]]
 ) -> list[str]:
     if module not in table:
-        return [f"{WEIGHTS_FILE}: module {module!r} is not a Linear module of the pinned base "
-                "model; train the adapter on this base"]  # fmt: skip
+        return [
+            f"{WEIGHTS_FILE}: module {module!r} is not a Linear module of the pinned base "
+            "model; train the adapter on this base"
+        ]
     problems = []
     if not _matches(module, config.get("target_modules")):
-        problems.append(f"{WEIGHTS_FILE}: module {module!r} has weights but is not in "
-                        "target_modules")  # fmt: skip
+        problems.append(
+            f"{WEIGHTS_FILE}: module {module!r} has weights but is not in target_modules"
+        )
     rank = _pattern_value(module, config.get("rank_pattern") or {}, config.get("r", 8))
     out_features, in_features = table[module]
     expected = {"A": (rank, in_features), "B": (out_features, rank)}
@@ -159,11 +189,15 @@ def _module_problems(
         if info is None:
             problems.append(f"{WEIGHTS_FILE}: module {module!r} lacks lora_{part}.weight")
         elif info.shape != shape:
-            problems.append(f"{WEIGHTS_FILE}: {info.name} has shape {list(info.shape)}, expected "
-                            f"{list(shape)} for rank {rank} on this base")  # fmt: skip
+            problems.append(
+                f"{WEIGHTS_FILE}: {info.name} has shape {list(info.shape)}, expected "
+                f"{list(shape)} for rank {rank} on this base"
+            )
         elif info.dtype not in SERVABLE_DTYPES:
-            problems.append(f"{WEIGHTS_FILE}: {info.name} has dtype {info.dtype}; use one of "
-                            f"{', '.join(SERVABLE_DTYPES)}")  # fmt: skip
+            problems.append(
+                f"{WEIGHTS_FILE}: {info.name} has dtype {info.dtype}; use one of "
+                f"{', '.join(SERVABLE_DTYPES)}"
+            )
     return problems
 
 

@@ -63,8 +63,9 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # The S3 store reads credentials the usual boto3 way: from the environment.
-    os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET,
-                      AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1"
+    )
     with seaweedfs(tmp_path_factory.mktemp("seaweedfs"), BUCKET, S3_KEY, S3_SECRET) as endpoint:
         yield endpoint
 
@@ -100,9 +101,7 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
 
 
 @pytest.fixture
-def make_registry(
-    database_url: str, blob_store: BlobStore
-) -> Iterator[Callable[..., Registry]]:
+def make_registry(database_url: str, blob_store: BlobStore) -> Iterator[Callable[..., Registry]]:
     """Registries on this test's database and blob store (with optional upload limits)."""
     made: list[Registry] = []
 

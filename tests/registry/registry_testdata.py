@@ -28,9 +28,15 @@ def build_tiny_base(dest: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, vocab_size=256,
-                         max_position_embeddings=256)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
     vocab = {chr(ord("a") + i): i for i in range(26)}
     Tokenizer(models.WordLevel(vocab, unk_token="a")).save(str(dest / "tokenizer.json"))
@@ -146,18 +152,35 @@ def seaweedfs(
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
     workdir.mkdir(parents=True, exist_ok=True)
     log = (workdir / "weed.log").open("wb")
-    cmd = [str(weed_binary()), "server", f"-dir={workdir}", "-ip=127.0.0.1",
-           "-ip.bind=127.0.0.1", f"-master.port={ports['master']}",
-           f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", "-s3",
-           f"-s3.port={ports['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-volume.max=8", "-master.volumeSizeLimitMB=64"]  # fmt: skip
+    cmd = [
+        str(weed_binary()),
+        "server",
+        f"-dir={workdir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-volume.max=8",
+        "-master.volumeSizeLimitMB=64",
+    ]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_die_with_parent)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+    )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
-                              aws_secret_access_key=secret_key, region_name="us-east-1")  # fmt: skip
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name="us-east-1",
+        )
         _wait_for_bucket(client, bucket, proc, workdir, timeout)
         yield endpoint
     finally:
@@ -187,7 +210,8 @@ def _wait_for_bucket(client: Any, bucket: str, proc: Any, workdir: Path, timeout
 def blob_keys(store: Any) -> list[str]:
     """Every key a Local or S3 blob store holds (a test helper, not part of the store API)."""
     if hasattr(store, "root"):
-        return sorted(p.relative_to(store.root).as_posix()
-                      for p in store.root.rglob("*") if p.is_file())  # fmt: skip
+        return sorted(
+            p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file()
+        )
     listing = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + "/")
     return sorted(obj["Key"] for obj in listing.get("Contents", []))

@@ -18,8 +18,9 @@ def test_push_stock_peft_output_unchanged(
     registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path]
 ) -> None:
     assert tenant.id is not None
-    version = registry.push_adapter(tenant.id, "support-bot", adapters["v1"], BASE_NAME, ADMIN,
-                                    description="answers tickets")  # fmt: skip
+    version = registry.push_adapter(
+        tenant.id, "support-bot", adapters["v1"], BASE_NAME, ADMIN, description="answers tickets"
+    )
     assert (version.number, version.rank, version.alpha) == (1, 8, 16.0)
     assert version.engine_name == engine_name(version.fingerprint)
     assert version.engine_name == "lx-" + version.fingerprint[:16]
@@ -47,13 +48,19 @@ def test_versions_number_up_and_same_bytes_are_idempotent(
 
 
 def test_machine_specific_config_fields_do_not_change_the_fingerprint(
-    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path],
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     assert tenant.id is not None
-    moved = edit_config(copy_adapter(adapters["v1"], tmp_path / "moved"),
-                        base_model_name_or_path="/elsewhere/base", inference_mode=False,
-                        revision="abc")  # fmt: skip
+    moved = edit_config(
+        copy_adapter(adapters["v1"], tmp_path / "moved"),
+        base_model_name_or_path="/elsewhere/base",
+        inference_mode=False,
+        revision="abc",
+    )
     first = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
     second = registry.push_adapter(tenant.id, "bot", moved, BASE_NAME, ADMIN)
     assert second.id == first.id
@@ -64,11 +71,17 @@ def test_provenance_is_recorded(
 ) -> None:
     assert tenant.id is not None
     parent = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
-    provenance = Provenance(dataset_sha256="d" * 64, training_config_sha256="c" * 64, seed=7,
-                            library_versions={"peft": "0.21.2"}, parent_version=1,
-                            training_job="job-1")  # fmt: skip
-    child = registry.push_adapter(tenant.id, "bot", adapters["v2"], base.fingerprint, ADMIN,
-                                  provenance=provenance)  # fmt: skip
+    provenance = Provenance(
+        dataset_sha256="d" * 64,
+        training_config_sha256="c" * 64,
+        seed=7,
+        library_versions={"peft": "0.21.2"},
+        parent_version=1,
+        training_job="job-1",
+    )
+    child = registry.push_adapter(
+        tenant.id, "bot", adapters["v2"], base.fingerprint, ADMIN, provenance=provenance
+    )
     stored = registry.get_version(tenant.id, "bot", child.number)
     assert (stored.dataset_sha256, stored.training_config_sha256) == ("d" * 64, "c" * 64)
     assert (stored.seed, stored.training_job) == (7, "job-1")
@@ -77,9 +90,12 @@ def test_provenance_is_recorded(
 
 
 def test_fetch_version_gives_the_canonical_files(
-    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path],
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     assert tenant.id is not None
     version = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
     found = registry.version_by_engine_name(version.engine_name)
@@ -88,9 +104,13 @@ def test_fetch_version_gives_the_canonical_files(
     fetched = registry.fetch_version(version.engine_name, tmp_path / "cache")
     assert fetched == tmp_path / "cache" / version.engine_name
     assert sorted(p.name for p in fetched.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
-    original, copy = load_file(adapters["v1"] / "adapter_model.safetensors"), load_file(
-        fetched / "adapter_model.safetensors")  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    original, copy = (
+        load_file(adapters["v1"] / "adapter_model.safetensors"),
+        load_file(fetched / "adapter_model.safetensors"),
+    )
     assert original.keys() == copy.keys()
     assert all(original[k].equal(copy[k]) for k in original)
     config = json.loads((fetched / "adapter_config.json").read_text())
@@ -99,9 +119,13 @@ def test_fetch_version_gives_the_canonical_files(
 
 
 def test_fetched_adapter_loads_in_peft(
-    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path],
-    tiny_base: Path, tmp_path: Path,
-) -> None:  # fmt: skip
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
+    tiny_base: Path,
+    tmp_path: Path,
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -118,9 +142,12 @@ def test_fetched_adapter_loads_in_peft(
 
 
 def test_blob_is_deterministic_tar(
-    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path],
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     assert tenant.id is not None
     version = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
     registry.blobs.fetch(version.blob_key, version.blob_sha256, tmp_path / "blob.tar")
@@ -132,9 +159,12 @@ def test_blob_is_deterministic_tar(
 
 
 def test_upload_as_files_tar_and_zip_give_the_same_version(
-    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path],
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     assert tenant.id is not None
     src = adapters["v1"]
     files = {p.name: p.read_bytes() for p in src.iterdir()}
@@ -142,6 +172,8 @@ def test_upload_as_files_tar_and_zip_give_the_same_version(
     with tarfile.open(tar_path, "w:gz") as tar:
         tar.add(src, arcname="my-adapter")
     zip_path = Path(shutil.make_archive(str(tmp_path / "a"), "zip", src))
-    numbers = {registry.push_adapter(tenant.id, "bot", source, BASE_NAME, ADMIN).number
-               for source in (files, tar_path, zip_path, src)}  # fmt: skip
+    numbers = {
+        registry.push_adapter(tenant.id, "bot", source, BASE_NAME, ADMIN).number
+        for source in (files, tar_path, zip_path, src)
+    }
     assert numbers == {1}
