@@ -8,6 +8,7 @@ failing, so one start-up tells you everything that is wrong.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import secrets
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "LORAPLEX_"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's ``--max-lora-rank`` accepts."""
 
 
 class SettingsError(ValueError):
@@ -58,10 +61,13 @@ class Settings:
     """Seconds to wait for a started engine to report healthy before giving up."""
 
     engine_memory_fraction: float = 0.2
-    """vLLM ``--gpu-memory-utilization``; on the CPU build it is the share of host RAM for KV cache."""
+    """vLLM ``--gpu-memory-utilization``; on the CPU build, the share of host RAM for KV cache."""
 
     engine_max_model_len: int = 2048
     """vLLM ``--max-model-len``: longest prompt + completion an engine accepts."""
+
+    engine_dtype: str = "auto"
+    """vLLM ``--dtype``. ``auto`` is bfloat16 on the CPU build; float32 reproduces PEFT exactly."""
 
     engine_extra_args: str = ""
     """Extra command-line arguments for started engines, shell-quoted."""
@@ -128,7 +134,9 @@ class Settings:
                 problems.append(f"{env_name(name)} (--{flag_name(name)}): {why}")
 
         check(1 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
-        check(1 <= self.engine_port <= 65535, "engine_port", f"{self.engine_port} is not a TCP port")
+        check(
+            1 <= self.engine_port <= 65535, "engine_port", f"{self.engine_port} is not a TCP port"
+        )
         check(
             0.0 < self.engine_memory_fraction <= 1.0,
             "engine_memory_fraction",
@@ -148,11 +156,25 @@ class Settings:
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", "must be >= max_loras")
         for url in self.engine_urls:
-            check(url.startswith(("http://", "https://")), "engine_urls", f"{url!r} is not an http(s) URL")
+            check(
+                url.startswith(("http://", "https://")),
+                "engine_urls",
+                f"{url!r} is not an http(s) URL",
+            )
         check(
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
             f"{self.log_level!r} is not one of debug, info, warning, error",
+        )
+        check(
+            self.engine_dtype in ("auto", "bfloat16", "float16", "float32"),
+            "engine_dtype",
+            f"{self.engine_dtype!r} is not one of auto, bfloat16, float16, float32",
+        )
+        check(
+            self.max_lora_rank in VLLM_LORA_RANKS,
+            "max_lora_rank",
+            f"vLLM accepts only {', '.join(map(str, VLLM_LORA_RANKS))}",
         )
         if problems:
             raise SettingsError(problems)
@@ -179,7 +201,7 @@ def field_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(Settings))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
+    for node, nxt in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -194,7 +216,7 @@ def _convert(raw: str, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)][0]
+        inner = next(a for a in args if a is not type(None))
         return None if raw == "" else _convert(raw, inner)
     if origin is list:
         return [part.strip() for part in raw.split(",") if part.strip()]

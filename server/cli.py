@@ -1,0 +1,150 @@
+"""The ``loraplex`` command line.
+
+``loraplex serve`` runs the gateway (and its engines); ``loraplex demo-base``
+builds the tiny demo model; ``loraplex config`` prints every setting. Registry
+commands (tenants, keys, bases, adapters) come from ``server.registry_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.config import (
+    Settings,
+    SettingsError,
+    add_settings_flags,
+    env_name,
+    field_docs,
+    load_settings,
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(vars(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine import EngineSupervisor
+
+    settings = settings_from(args)
+    _setup_logging(settings)
+    supervisors = []
+    if not settings.engine_urls:
+        base = settings.resolved_base_model
+        if not (base / "config.json").is_file():
+            print(
+                f"loraplex serve: no model at {base} (config.json missing).\n"
+                "  Build the demo base with `loraplex demo-base`, or point --base-model / "
+                "LORAPLEX_BASE_MODEL at a local Hugging Face model directory.",
+                file=sys.stderr,
+            )
+            return 2
+        settings.ensure_engine_key()
+        supervisors.append(
+            EngineSupervisor(
+                settings, settings.engine_port, settings.home / "logs" / "engine-0.log"
+            )
+        )
+    app = create_app(settings, supervisors=supervisors)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    print(f"loraplex: gateway on http://{settings.host}:{settings.port}", flush=True)
+    asyncio.run(uvicorn.Server(config).serve())
+    return 0
+
+
+def cmd_demo_base(args: argparse.Namespace) -> int:
+    from training.demo_base import build_demo_base
+
+    settings = settings_from(args)
+    out = Path(args.out) if args.out else settings.home / "demo-base"
+    path = build_demo_base(out)
+    print(path)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print every setting: its variable, current value and meaning."""
+    settings = settings_from(args)
+    docs = field_docs()
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name == "engine_api_key" and value:
+            value = "(set)"
+        print(f"{env_name(f.name):34} {value!s:28} {docs.get(f.name, '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description="Multi-LoRA serving and adapter registry."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway and its engines")
+    add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo-base", help="build (once) the tiny demo base model")
+    add_settings_flags(demo, ["home"])
+    demo.add_argument("--out", help="output directory (default: HOME/demo-base)")
+    demo.set_defaults(func=cmd_demo_base)
+
+    config = sub.add_parser("config", help="print the settings and where they come from")
+    add_settings_flags(config)
+    config.set_defaults(func=cmd_config)
+
+    _add_registry_commands(sub)
+    return parser
+
+
+def _add_registry_commands(sub: Any) -> None:
+    try:
+        from server import registry_cli
+    except ImportError:  # registry CLI not built yet
+        return
+    registry_cli.add_commands(sub)
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every health probe at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SettingsError as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

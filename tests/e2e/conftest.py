@@ -1,0 +1,83 @@
+"""Session fixtures for end-to-end tests: the demo base and one running `loraplex serve`.
+
+The real vLLM CPU engine takes about a minute to start, so one gateway+engine
+pair serves the whole session; tests that kill engines start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from tests.e2e.serving import REPO, ServeProcess, free_port, wait_gone
+
+# float32 so greedy outputs can be compared with PEFT's; little KV cache: two engines may run.
+ENGINE_ARGS = [
+    "--engine-dtype",
+    "float32",
+    "--engine-memory-fraction",
+    "0.08",
+    "--engine-max-model-len",
+    "1024",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def demo_base() -> Path:
+    from training.demo_base import build_demo_base
+
+    # For quick local iterations an already built model can stand in (CI never sets this).
+    if os.environ.get("LORAPLEX_E2E_BASE"):
+        return Path(os.environ["LORAPLEX_E2E_BASE"])
+    # The same cache `make demo` uses, so CI builds it once.
+    return build_demo_base(REPO / ".loraplex" / "demo-base")
+
+
+@pytest.fixture(scope="session")
+def engine_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="session")
+def engine_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    demo_base: Path, engine_key: str, engine_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeProcess]:
+    serve = ServeProcess(
+        tmp_path_factory.mktemp("serve"),
+        args=["--base-model", str(demo_base), "--engine-port", str(engine_port), *ENGINE_ARGS],
+        env={"LORAPLEX_ENGINE_API_KEY": engine_key},
+    ).start()
+    try:
+        serve.wait_ready()
+        yield serve
+    finally:
+        children = serve.all_descendants()
+        assert serve.stop(), f"loraplex serve did not shut down cleanly:\n{serve.log_tail()}"
+        leftovers = wait_gone(children)
+        assert not leftovers, f"engine processes outlived loraplex serve: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def client(gateway: ServeProcess) -> OpenAI:
+    return OpenAI(base_url=gateway.url + "/v1", api_key="unused-until-issue-4", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def base_name(demo_base: Path) -> str:
+    return demo_base.name

@@ -1,0 +1,127 @@
+"""Starting `loraplex serve` as a real subprocess, as users run it, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+LOADER = Path(sys.executable).parent / "loraplex"
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServeProcess:
+    """One `loraplex serve` process (gateway, plus an engine unless engine URLs are given)."""
+
+    home: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "serve.log"
+
+    def start(self) -> ServeProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "LORAPLEX_LOG_LEVEL": "info", **self.env}
+        cmd = [str(LOADER), "serve", "--home", str(self.home), "--port", str(self.port), *self.args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"loraplex serve exited early:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"loraplex serve not ready after {timeout} s:\n{self.log_tail()}")
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """The engine API servers this serve process started (direct children running vLLM)."""
+        assert self.process is not None
+        found = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if ENGINE_MODULE in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def all_descendants(self) -> list[psutil.Process]:
+        assert self.process is not None
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 60) -> bool:
+        """SIGTERM, as an orchestrator would; True if it shut down cleanly in time.
+
+        Like uvicorn, serve re-raises the signal after its graceful shutdown, so a
+        clean exit is status 0 or death by that same SIGTERM.
+        """
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return False
+        return self.process.returncode in (0, -signal.SIGTERM)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:
+    """Processes still alive (zombies count as gone) after ``timeout`` seconds."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) for every sample called ``name`` on a live /metrics endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return [
+        (dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]

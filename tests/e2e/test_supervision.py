@@ -1,0 +1,90 @@
+"""The engine supervisor: a killed engine fails cleanly, comes back, never outlives serve."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.e2e.conftest import ENGINE_ARGS
+from tests.e2e.serving import ServeProcess, free_port, metric_samples, wait_gone
+
+
+@pytest.fixture
+def own_serve(demo_base: Path, tmp_path: Path) -> ServeProcess:
+    serve = ServeProcess(
+        tmp_path,
+        args=["--base-model", str(demo_base), "--engine-port", str(free_port()), *ENGINE_ARGS],
+    ).start()
+    serve.wait_ready()
+    return serve
+
+
+def test_killed_engine_fails_cleanly_restarts_and_leaves_no_orphans(
+    own_serve: ServeProcess, base_name: str
+) -> None:
+    client = OpenAI(base_url=own_serve.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    assert client.completions.create(model=base_name, prompt="Hi", max_tokens=2).choices
+
+    # Requests in flight when the engine dies: long generations, streaming and not.
+    outcomes: list[BaseException | str] = []
+
+    def stream_long() -> None:
+        try:
+            for _ in client.completions.create(
+                model=base_name,
+                prompt="Once",
+                max_tokens=900,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
+                pass
+            outcomes.append("stream finished")
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    def complete_long() -> None:
+        try:
+            client.completions.create(
+                model=base_name, prompt="Once", max_tokens=900, extra_body={"ignore_eos": True}
+            )
+            outcomes.append("completion finished")
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=f) for f in (stream_long, complete_long)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    [engine] = own_serve.engine_processes()
+    engine.kill()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a request hung after the engine died"
+
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert isinstance(outcome, openai.APIError), outcome
+        if isinstance(outcome, openai.APIStatusError):
+            assert outcome.status_code in (502, 503, 504)
+            assert outcome.response.json()["error"]["code"].startswith("engine_")
+
+    # While it is down: a clean 503, not a hang.
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=base_name, prompt="Hi", max_tokens=2)
+    assert info.value.status_code in (502, 503)
+
+    own_serve.wait_ready(timeout=600)
+    assert client.completions.create(model=base_name, prompt="Hi", max_tokens=2).choices
+    restarts = metric_samples(own_serve.url, "loraplex_engine_restarts")
+    assert [value for _, value in restarts] == [1.0]
+
+    [new_engine] = own_serve.engine_processes()
+    assert new_engine.pid != engine.pid
+    family = own_serve.all_descendants()
+    assert own_serve.stop()
+    assert not wait_gone(family), "engine processes outlived loraplex serve"
