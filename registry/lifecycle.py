@@ -16,6 +16,7 @@ from registry.models import (
     ACTIVE,
     CANARY,
     PRODUCTION,
+    RETIRED,
     Adapter,
     AdapterVersion,
     Alias,
@@ -181,6 +182,8 @@ def set_state(
         )
     if version.state == state:
         return
+    if version.state == RETIRED:
+        raise Conflict(f"version {version.number} is retired; retired versions stay retired")
     before = {"version": version.number, "state": version.state}
     version.state = state
     session.add(version)
