@@ -79,7 +79,7 @@ def test_canary_carries_a_weight(registry: Registry, bot: int) -> None:
     registry.canary(bot, "bot", 2, 0.25, ALICE)
     aliases = registry.aliases(bot, "bot")
     assert (aliases["canary"].version, aliases["canary"].weight) == (2, 0.25)
-    with pytest.raises(InvalidRequest, match="outside 0..1"):
+    with pytest.raises(InvalidRequest, match=r"outside 0\.\.1"):
         registry.canary(bot, "bot", 3, 1.5, ALICE)
     registry.clear_canary(bot, "bot", ALICE)
     assert "canary" not in registry.aliases(bot, "bot")

@@ -203,7 +203,7 @@ CASES: dict[str, Case] = {
         "base model; train the adapter on this base"]),
     "wrong shape": Case(_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(8, 64))), [
         f"{WTS}: {Q0}.lora_A.weight has shape [8, 64], expected [8, 128] for rank 8 on this base"]),
-    "wrong dtype": Case(_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(8, 128, dtype=torch.int32))), [
+    "wrong dtype": Case(_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(8, 128).int())), [
         f"{WTS}: {Q0}.lora_A.weight has dtype I32; use one of F32, F16, BF16"]),
     "stray tensor": Case(_tensors(_set("lm_head.weight", torch.zeros(256, 128))), [
         f"{WTS}: tensor 'lm_head.weight' is not a LoRA weight "
@@ -212,7 +212,7 @@ CASES: dict[str, Case] = {
         f"{WTS}: {Q0}.lora_B.weight holds NaN or Inf values; the adapter diverged in training"]),
     "inf bf16": Case(_tensors(_with_inf_bf16), [
         f"{WTS}: {Q0}.lora_A.weight holds NaN or Inf values; the adapter diverged in training"]),
-    "not safetensors": Case(lambda a, t: {CFG: (a["v1"] / CFG).read_bytes(), WTS: b"\x80\x04junk"}, [
+    "not safetensors": Case(lambda a, t: {CFG: (a["v1"] / CFG).read_bytes(), WTS: b"\x80"}, [
         f"{WTS} is not a valid safetensors file: file is shorter than the 8-byte header length"]),
     "unknown base": Case(lambda a, t: a["v1"], [
         "base 'gpt-17' names no registered base model (by name, revision or fingerprint); "
