@@ -1,16 +1,329 @@
 """vLLM general plugin: the loraplex LoRA resolver (entry point ``vllm.general_plugins``).
 
-vLLM loads this in every engine process where loraplex is installed. It does
-nothing unless ``LORAPLEX_RESOLVER_DATABASE_URL`` is set, so installing
-loraplex never changes a plain vLLM deployment.
+vLLM calls ``register()`` in every engine process where loraplex is
+installed. It does nothing unless ``LORAPLEX_RESOLVER_DATABASE_URL`` is set,
+so installing loraplex never changes a plain vLLM deployment; importing this
+module imports neither vLLM nor the registry.
+
+With the variable set, vLLM asks the resolver about every model name it does
+not know. Engine-side adapter names (``lx-`` + 16 hex digits) are looked up in
+the registry, checked against the base this engine serves, fetched into a
+verified, size-bounded disk cache and handed to vLLM as a ``LoRARequest``.
+Anything else is declined, and vLLM answers its own 404.
+
+A failure to fetch a known adapter (blob store down, slow or corrupt; disk
+full; database down) raises vLLM's ``GracefulHTTPError`` with status 503, so
+the client sees ``{"error": {"type": "Service Unavailable", "code": 503, ...}}``
+and the gateway may retry on another replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+    from registry import BlobStore, Registry
+    from server.adapter_cache import AdapterCache
+
+log = logging.getLogger(__name__)
+
+RESOLVER_NAME = "loraplex"
+"""The name the resolver is registered under in vLLM's ``LoRAResolverRegistry``."""
+
+# -- environment -------------------------------------------------------------
+
+DATABASE_URL_ENV = "LORAPLEX_RESOLVER_DATABASE_URL"
+"""Registry database URL (``sqlite:///...`` or ``postgresql://...``). Required; unset
+means the plugin does nothing. The schema must already be migrated (the gateway does it)."""
+BLOB_URL_ENV = "LORAPLEX_RESOLVER_BLOB_URL"
+"""Blob store: an existing local directory or ``s3://bucket/prefix``. Required."""
+S3_ENDPOINT_ENV = "LORAPLEX_S3_ENDPOINT_URL"
+"""S3 endpoint for S3-compatible stores (SeaweedFS, MinIO). Optional; boto3 reads the
+credentials from the usual ``AWS_*`` variables."""
+BASE_FINGERPRINT_ENV = "LORAPLEX_RESOLVER_BASE_FINGERPRINT"
+"""Fingerprint (64 hex digits) of the registered base model this engine serves. Required:
+versions pinned to another base are never served here."""
+CACHE_DIR_ENV = "LORAPLEX_RESOLVER_CACHE_DIR"
+"""Directory of the adapter disk cache, one per engine. Default: ~/.cache/loraplex/adapters."""
+CACHE_BYTES_ENV = "LORAPLEX_RESOLVER_CACHE_BYTES"
+"""Size bound of the disk cache: bytes, or with a K/M/G/T suffix (powers of 1024).
+Default: 10G."""
+FETCH_TIMEOUT_ENV = "LORAPLEX_RESOLVER_FETCH_TIMEOUT"
+"""Seconds one resolution (registry lookup + fetch) may take before the request fails
+with 503. Default: 120."""
+
+ENGINE_NAME = re.compile(r"lx-[0-9a-f]{16}")
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ResolverConfigError(ValueError):
+    """The resolver's environment is invalid; the message names each bad variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"the loraplex LoRA resolver cannot start; fix its environment:\n{lines}")
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    """Everything the resolver needs, read from ``LORAPLEX_RESOLVER_*`` variables."""
+
+    database_url: str
+    """Registry database URL (``LORAPLEX_RESOLVER_DATABASE_URL``)."""
+    blob_url: str
+    """Local blob directory or ``s3://bucket/prefix`` (``LORAPLEX_RESOLVER_BLOB_URL``)."""
+    base_fingerprint: str
+    """Fingerprint of the base this engine serves (``LORAPLEX_RESOLVER_BASE_FINGERPRINT``)."""
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache/loraplex/adapters")
+    """Disk cache directory (``LORAPLEX_RESOLVER_CACHE_DIR``)."""
+    cache_bytes: int = 10 << 30
+    """Disk cache size bound in bytes (``LORAPLEX_RESOLVER_CACHE_BYTES``)."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint of an S3-compatible store (``LORAPLEX_S3_ENDPOINT_URL``)."""
+    fetch_timeout: float = 120.0
+    """Seconds one resolution may take (``LORAPLEX_RESOLVER_FETCH_TIMEOUT``)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ResolverConfig:
+        """Read and check every variable; raises ``ResolverConfigError`` listing all problems."""
+        problems: list[str] = []
+        values = dict(
+            database_url=_required(env, DATABASE_URL_ENV, problems),
+            blob_url=_required(env, BLOB_URL_ENV, problems),
+            base_fingerprint=_fingerprint(env, problems),
+            s3_endpoint_url=env.get(S3_ENDPOINT_ENV) or None,
+        )
+        optional = dict(
+            cache_dir=Path(env[CACHE_DIR_ENV]).expanduser() if env.get(CACHE_DIR_ENV) else None,
+            cache_bytes=_size(env, problems),
+            fetch_timeout=_timeout(env, problems),
+        )
+        if problems:
+            raise ResolverConfigError(problems)
+        return cls(**values, **{k: v for k, v in optional.items() if v is not None})  # type: ignore[arg-type]
+
+
+def _required(env: Mapping[str, str], name: str, problems: list[str]) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        problems.append(f"{name} is not set; the resolver needs it")
+    return value
+
+
+def _fingerprint(env: Mapping[str, str], problems: list[str]) -> str:
+    value = _required(env, BASE_FINGERPRINT_ENV, problems).lower()
+    if value and not FINGERPRINT.fullmatch(value):
+        problems.append(
+            f"{BASE_FINGERPRINT_ENV}={value!r} is not a base fingerprint (64 hex digits); "
+            "copy it from `loraplex bases` or the registry's base record"
+        )
+    return value
+
+
+def _size(env: Mapping[str, str], problems: list[str]) -> int | None:
+    raw = env.get(CACHE_BYTES_ENV, "").strip()
+    if not raw:
+        return None
+    match = _SIZE.fullmatch(raw)
+    size = int(match[1]) * _UNITS[match[2].upper()] if match else 0
+    if size < 1:
+        problems.append(
+            f"{CACHE_BYTES_ENV}={raw!r} is not a positive size; give bytes, e.g. 10737418240 or 10G"
+        )
+    return size
+
+
+def _timeout(env: Mapping[str, str], problems: list[str]) -> float | None:
+    raw = env.get(FETCH_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        problems.append(f"{FETCH_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return seconds
+
+
+# -- the resolver ----------------------------------------------------------------
+
+
+def lora_int_id(fingerprint: str) -> int:
+    """A stable positive 31-bit id from a fingerprint (vLLM replaces it with its own counter)."""
+    return int(fingerprint[:8], 16) % ((1 << 31) - 1) + 1
+
+
+class LoraplexResolver:
+    """Resolves engine-side adapter names through the registry and the disk cache.
+
+    A ``vllm.lora.resolver.LoRAResolver`` by shape (vLLM only calls
+    ``resolve_lora``), so this module does not import vLLM until it runs.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        cache: AdapterCache,
+        base_fingerprint: str,
+        fetch_timeout: float = 120.0,
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.base_fingerprint = base_fingerprint
+        self.fetch_timeout = fetch_timeout
+        # Our own threads: a hung blob store must not tie up vLLM's default executor.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraplex-resolver")
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """The LoRA request for ``lora_name``; None for names that are not ours to serve.
+
+        Raises vLLM's ``GracefulHTTPError`` (HTTP 503) when a servable adapter
+        cannot be fetched in time or at all.
+        """
+        if not ENGINE_NAME.fullmatch(lora_name):
+            return None
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._executor, self._locate, lora_name)
+        try:
+            located = await asyncio.wait_for(work, self.fetch_timeout)
+        except TimeoutError:
+            raise _unavailable(lora_name, f"not fetched within {self.fetch_timeout:g} s") from None
+        except Exception as exc:
+            raise _unavailable(lora_name, str(exc)) from exc
+        if located is None:
+            return None
+        fingerprint, path = located
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(
+            lora_name=lora_name, lora_int_id=lora_int_id(fingerprint), lora_path=str(path)
+        )
+
+    def _locate(self, name: str) -> tuple[str, Path] | None:
+        """(fingerprint, cached directory) of a servable version (blocking: DB and blobs)."""
+        found = self.registry.version_by_engine_name(name)
+        if found is None:
+            return None
+        if found.base.fingerprint != self.base_fingerprint:
+            log.warning(
+                "not serving adapter %s: it is pinned to base %s@%s (%s), this engine serves %s",
+                name,
+                found.base.name,
+                found.base.revision,
+                found.base.fingerprint,
+                self.base_fingerprint,
+            )
+            return None
+        return found.version.fingerprint, self.cache.get(name, self.registry.fetch_version)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.registry.close()
+
+
+def _unavailable(name: str, reason: str) -> Exception:
+    from vllm.exceptions import GracefulHTTPError
+
+    return GracefulHTTPError(
+        f"adapter {name} is temporarily unavailable on this engine ({reason}); "
+        "retry, or send the request to another replica",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+    )
+
+
+# -- building it -----------------------------------------------------------------
+
+
+def build_resolver(config: ResolverConfig) -> LoraplexResolver:
+    """The resolver for ``config``, after checking the database, blob store and cache dir.
+
+    Raises ``ResolverConfigError`` naming the variable at fault.
+    """
+    from registry import Registry
+    from server.adapter_cache import AdapterCache
+
+    blobs = _open_blobs(config)
+    try:
+        registry = Registry(config.database_url, blobs, auto_migrate=False)
+    except Exception as exc:
+        raise ResolverConfigError([f"{DATABASE_URL_ENV} is unusable: {exc}"]) from exc
+    try:
+        _check_base(registry, config.base_fingerprint)
+        _check_cache_dir(config.cache_dir)
+    except ResolverConfigError:
+        registry.close()
+        raise
+    cache = AdapterCache(config.cache_dir, config.cache_bytes)
+    return LoraplexResolver(registry, cache, config.base_fingerprint, config.fetch_timeout)
+
+
+def _open_blobs(config: ResolverConfig) -> BlobStore:
+    from registry import S3BlobStore, open_blob_store
+
+    url = config.blob_url
+    if not url.startswith("s3://") and not Path(url).expanduser().is_dir():
+        raise ResolverConfigError(
+            [f"{BLOB_URL_ENV}={url!r} is not a directory; use the registry's"]
+        )
+    try:
+        store = open_blob_store(url, config.s3_endpoint_url)
+        if isinstance(store, S3BlobStore):
+            store.client.head_bucket(Bucket=store.bucket)
+    except Exception as exc:
+        raise ResolverConfigError(
+            [f"{BLOB_URL_ENV}={url!r} (with {S3_ENDPOINT_ENV}) is unreachable: {exc}"]
+        ) from exc
+    return store
+
+
+def _check_base(registry: Registry, fingerprint: str) -> None:
+    try:
+        bases = registry.list_bases()
+    except Exception as exc:
+        raise ResolverConfigError(
+            [f"{DATABASE_URL_ENV}: cannot read the registry (is it reachable and migrated?): {exc}"]
+        ) from exc
+    if not any(base.fingerprint == fingerprint for base in bases):
+        raise ResolverConfigError(
+            [f"{BASE_FINGERPRINT_ENV}={fingerprint} names no base registered in this registry"]
+        )
+
+
+def _check_cache_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResolverConfigError(
+            [f"{CACHE_DIR_ENV}={str(path)!r} cannot be created: {exc}"]
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ResolverConfigError([f"{CACHE_DIR_ENV}={str(path)!r} is not writable"])
 
 
 def register() -> None:
-    if not os.environ.get("LORAPLEX_RESOLVER_DATABASE_URL"):
+    """vLLM's entry point: register the resolver when ``LORAPLEX_RESOLVER_DATABASE_URL`` is set.
+
+    A bad configuration raises ``ResolverConfigError``, which stops the engine.
+    """
+    if not os.environ.get(DATABASE_URL_ENV):
         return
-    raise NotImplementedError("the registry-backed resolver arrives with issue 4")
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    resolver = build_resolver(ResolverConfig.from_env(os.environ))
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)  # type: ignore[arg-type]
+    log.info("loraplex LoRA resolver registered (cache %s)", resolver.cache.root)
