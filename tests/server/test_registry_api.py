@@ -14,11 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
-from registry_testdata import build_adapter, build_tiny_base  # noqa: E402
+from registry_testdata import build_adapter, build_tiny_base
 
-from registry import Actor, LocalBlobStore, Registry, UploadLimits  # noqa: E402
-from server import registry_api  # noqa: E402
-from server.errors import APIError  # noqa: E402
+from registry import Actor, LocalBlobStore, Registry, UploadLimits
+from server import registry_api
+from server.errors import APIError
 
 ROOT = Actor("test-root", admin=True)
 FILES = ("adapter_config.json", "adapter_model.safetensors")
