@@ -24,11 +24,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from server import proxy
+import router
+from registry import Registry
+from server import inference, proxy, registry_api
 from server.config import Settings
 from server.engine import Engine, EngineSupervisor, probe
-from server.errors import APIError, model_not_found
+from server.errors import APIError
 from server.metrics import Metrics
+from server.tenancy import REGISTRY_TTL, Caller, Tenancy, TTLCache, UsageBook
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -38,11 +41,21 @@ class Gateway:
     """Everything the routes share; stored on ``app.state.gateway``."""
 
     settings: Settings
+    registry: Registry
+    base_fingerprint: str
+    """Fingerprint of the registered base model the engines serve."""
     engines: list[Engine]
     supervisors: list[EngineSupervisor] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
+    placer: router.Placer = field(default_factory=router.Placer)
+    limiter: router.Limiter = field(default_factory=router.Limiter)
     client: httpx.AsyncClient | None = None
     started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.tenancy = Tenancy(self.registry)
+        self.usage = UsageBook(self.registry)
+        self._adapters: TTLCache[list[str]] = TTLCache(REGISTRY_TTL)
 
     @property
     def base_name(self) -> str:
@@ -51,25 +64,62 @@ class Gateway:
     def ready(self) -> bool:
         return any(engine.healthy for engine in self.engines)
 
-    def candidates(self) -> list[Engine]:
-        """Healthy engines, least busy first; the rest are failover order."""
-        healthy = [e for e in self.engines if e.healthy]
-        return sorted(healthy, key=lambda e: e.in_flight)
+    async def servable_adapters(self, tenant_id: int) -> list[str]:
+        """The tenant's adapter names that resolve to a version right now."""
+
+        async def load() -> list[str]:
+            names = [
+                a.name for a in await asyncio.to_thread(self.registry.list_adapters, tenant_id)
+            ]
+            views = [await self.tenancy.routing(tenant_id, name) for name in names]
+            return [
+                name
+                for name, view in zip(names, views, strict=True)
+                if view is not None and router.PRODUCTION in view.aliases
+            ]
+
+        return await self._adapters.get(tenant_id, load)
+
+    def finished(
+        self,
+        path: str,
+        target: proxy.Target,
+        caller: Caller,
+        admission: router.Admission,
+        outcome: proxy.Outcome,
+        started: float,
+    ) -> None:
+        """Account for one request: limits, usage for billing, metrics."""
+        usage = outcome.usage
+        used = usage.prompt_tokens + usage.completion_tokens if usage else admission.tokens_charged
+        self.limiter.settle(admission, used, time.monotonic())
+        if usage is not None:
+            version = int(target.version) if target.version else 0
+            self.usage.add(
+                caller.tenant_id,
+                target.adapter,
+                version,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+        record_metrics(self.metrics, path, target, outcome, started)
 
 
 def create_app(
     settings: Settings,
+    registry: Registry,
+    base_fingerprint: str,
     engines: list[Engine] | None = None,
     supervisors: list[EngineSupervisor] | None = None,
 ) -> FastAPI:
     """The gateway app. Pass ``supervisors`` to run engines, or ``engines`` to use running ones."""
     supervisors = supervisors or []
     if engines is None:
-        engines = [s.engine for s in supervisors] or [
-            Engine(url.rstrip("/"), settings.resolved_served_model_name)
-            for url in settings.engine_urls
-        ]
-    gateway = Gateway(settings, engines, supervisors)
+        engines = [s.engine for s in supervisors]
+    for engine in engines:
+        engine.base_fingerprint = engine.base_fingerprint or base_fingerprint
+        engine.resident_limit = settings.max_cpu_loras
+    gateway = Gateway(settings, registry, base_fingerprint, engines, supervisors)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,9 +129,11 @@ def create_app(
             if not supervisors:
                 tasks.append(asyncio.create_task(_watch_engines(gateway, client)))
             tasks.append(asyncio.create_task(_export_engine_state(gateway)))
+            tasks.append(asyncio.create_task(gateway.usage.run()))
             try:
                 yield
             finally:
+                await gateway.usage.flush()
                 await asyncio.gather(*(s.stop() for s in supervisors))
                 for task in tasks:
                     task.cancel()
@@ -92,6 +144,8 @@ def create_app(
     _install_error_handlers(app)
     _add_openai_routes(app, gateway)
     _add_ops_routes(app, gateway)
+    app.state.registry = registry
+    app.include_router(registry_api.router)
     return app
 
 
@@ -156,80 +210,22 @@ def _install_error_handlers(app: FastAPI) -> None:
 # -- OpenAI routes ---------------------------------------------------------
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object, refusing bodies over ``limit`` bytes (413)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"Request body is {declared} bytes; the limit is {limit}.")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except ValueError as exc:
-        raise APIError(400, f"Request body is not valid JSON: {exc}.") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "Request body must be a JSON object.")
-    return body
-
-
-def check_bounds(body: dict[str, Any], settings: Settings) -> None:
-    """Refuse what the gateway bounds itself: token counts, ``n``, ``stream`` types."""
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise APIError(400, "`model` is required and must be a non-empty string.", param="model")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise APIError(400, f"`{name}` must be a positive integer.", param=name)
-        if value > settings.max_tokens_limit:
-            raise APIError(
-                400,
-                f"`{name}` is {value}; this server allows at most {settings.max_tokens_limit}.",
-                param=name,
-                code="max_tokens_exceeded",
-            )
-    n = body.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
-        raise APIError(400, "`n` must be an integer from 1 to 16.", param="n")
-    if not isinstance(body.get("stream", False), bool):
-        raise APIError(400, "`stream` must be true or false.", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise APIError(400, "`stream_options` must be an object.", param="stream_options")
-
-
-async def resolve_base_only(gateway: Gateway, body: dict[str, Any]) -> proxy.Target:
-    """Issue-2 resolution: the only servable model is the base."""
-    model = body["model"]
-    if model != gateway.base_name:
-        raise model_not_found(model)
-    return proxy.Target(requested_model=model, engine_model=gateway.base_name)
-
-
 def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
     async def chat_completions(request: Request) -> Response:
-        return await _proxy_route(request, gateway, "/v1/chat/completions")
+        return await inference.handle(request, gateway, "/v1/chat/completions")
 
     async def completions(request: Request) -> Response:
-        return await _proxy_route(request, gateway, "/v1/completions")
+        return await inference.handle(request, gateway, "/v1/completions")
 
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        caller = await inference.authenticate(gateway, request)
+        names = [gateway.base_name, *await gateway.servable_adapters(caller.tenant_id)]
         created = int(gateway.started_at)
         return {
             "object": "list",
             "data": [
-                {
-                    "id": gateway.base_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "loraplex",
-                }
+                {"id": name, "object": "model", "created": created, "owned_by": "loraplex"}
+                for name in names
             ],
         }
 
@@ -238,83 +234,11 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
     app.add_api_route("/v1/models", models, methods=["GET"])
 
 
-async def _proxy_route(request: Request, gateway: Gateway, path: str) -> Response:
-    settings = gateway.settings
-    started = time.perf_counter()
-    body = await read_json(request, settings.max_request_bytes)
-    check_bounds(body, settings)
-    target = await resolve_base_only(gateway, body)
-    body["model"] = target.engine_model
-    wants_stream = bool(body.get("stream"))
-    options = body.get("stream_options") or {}
-    keep_usage = bool(options.get("include_usage"))
-    if wants_stream:
-        body["stream_options"] = {**options, "include_usage": True}
-
-    outcome = proxy.Outcome()
-    outcome.on_finish.append(lambda o: _record(gateway, path, target, o, started))
-    gateway.metrics.in_flight.inc()
-    outcome.on_finish.append(lambda _: gateway.metrics.in_flight.dec())
-    try:
-        upstream, engine = await _open_upstream(gateway, path, body)
-    except APIError as exc:
-        outcome.status = exc.status
-        outcome.error = getattr(exc, "reason", "") or "rejected"
-        outcome.finish()
-        raise
-    engine.in_flight += 1
-    outcome.on_finish.append(lambda _: setattr(engine, "in_flight", engine.in_flight - 1))
-    if upstream.status_code != 200:
-        outcome.status = upstream.status_code
-        outcome.finish()
-        return await proxy.error_from_engine(upstream)
-    if wants_stream:
-        return proxy.stream(upstream, target, outcome, engine, keep_usage)
-    try:
-        return await proxy.complete(upstream, target, outcome)
-    except httpx.HTTPError as exc:
-        failure = proxy.classify(exc, engine)
-        outcome.status, outcome.error = failure.status, failure.reason
-        outcome.finish()
-        raise failure from exc
-
-
-async def _open_upstream(
-    gateway: Gateway, path: str, body: dict[str, Any]
-) -> tuple[httpx.Response, Engine]:
-    """Send to the first engine that accepts the connection; fail over on connect errors."""
-    assert gateway.client is not None
-    candidates = gateway.candidates()
-    if not candidates:
-        raise proxy.UpstreamFailure(
-            503,
-            "No model engine is ready yet; retry in a few seconds.",
-            "no_engine",
-            retry_after=5,
-        )
-    last: proxy.UpstreamFailure | None = None
-    for engine in candidates:
-        try:
-            upstream = await proxy.send(
-                gateway.client, engine, path, body, gateway.settings.ensure_engine_key()
-            )
-            return upstream, engine
-        except proxy.UpstreamFailure as failure:
-            gateway.metrics.upstream_errors.labels(engine.name, failure.reason).inc()
-            last = failure
-            if failure.status != 503:
-                break  # only connection failures are safe to retry elsewhere
-            engine.healthy = False
-    assert last is not None
-    raise last
-
-
-def _record(
-    gateway: Gateway, path: str, target: proxy.Target, outcome: proxy.Outcome, started: float
+def record_metrics(
+    m: Metrics, path: str, target: proxy.Target, outcome: proxy.Outcome, started: float
 ) -> None:
-    m = gateway.metrics
     route = path.removeprefix("/v1/").replace("/", "_")
-    status = str(outcome.status or 500) if not outcome.error else outcome.error
+    status = outcome.error or str(outcome.status or 500)
     m.requests.labels(route, target.tenant, target.adapter, target.version, status).inc()
     end = outcome.finished_at or time.perf_counter()
     m.latency.labels(route, target.tenant, target.adapter).observe(end - started)

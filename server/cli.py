@@ -36,28 +36,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.engine import EngineSupervisor
+    from server.bootstrap import (
+        StartupError,
+        external_engines,
+        local_supervisors,
+        open_registry,
+        served_base_fingerprint,
+    )
 
     settings = settings_from(args)
     _setup_logging(settings)
-    supervisors = []
-    if not settings.engine_urls:
-        base = settings.resolved_base_model
-        if not (base / "config.json").is_file():
-            print(
-                f"loraplex serve: no model at {base} (config.json missing).\n"
-                "  Build the demo base with `loraplex demo-base`, or point --base-model / "
-                "LORAPLEX_BASE_MODEL at a local Hugging Face model directory.",
-                file=sys.stderr,
+    try:
+        registry = open_registry(settings)
+        base_fingerprint = served_base_fingerprint(settings, registry)
+        if settings.engine_urls:
+            app = create_app(
+                settings, registry, base_fingerprint, engines=external_engines(settings)
             )
-            return 2
-        settings.ensure_engine_key()
-        supervisors.append(
-            EngineSupervisor(
-                settings, settings.engine_port, settings.home / "logs" / "engine-0.log"
-            )
-        )
-    app = create_app(settings, supervisors=supervisors)
+        else:
+            supervisors = local_supervisors(settings, base_fingerprint)
+            app = create_app(settings, registry, base_fingerprint, supervisors=supervisors)
+    except StartupError as exc:
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -45,6 +45,9 @@ class Settings:
     base_model: Path | None = None
     """Local Hugging Face model directory to serve. Default: the demo base under ``home``."""
 
+    base_revision: str = "main"
+    """Revision recorded when ``serve`` registers the local base model in the registry."""
+
     served_model_name: str = ""
     """Name clients use for the base model. Default: the base model directory's name."""
 
@@ -53,6 +56,9 @@ class Settings:
 
     engine_port: int = 8100
     """First loopback port for engines that ``serve`` starts itself."""
+
+    engine_replicas: int = 1
+    """Engines ``serve`` starts (ports ``engine_port`` upwards); ignored with ``engine_urls``."""
 
     engine_api_key: str = ""
     """Internal key between gateway and engines. Default: a fresh random key per start."""
@@ -101,6 +107,9 @@ class Settings:
 
     s3_endpoint_url: str = ""
     """S3 endpoint for S3-compatible stores (SeaweedFS, MinIO). Empty: AWS."""
+
+    adapter_cache_bytes: int = 4 << 30
+    """Disk each engine's adapter cache may use before evicting least-recently-used adapters."""
 
     max_upload_bytes: int = 512 << 20
     """Largest adapter upload (archive or files together), in bytes."""
@@ -152,6 +161,8 @@ class Settings:
             "max_request_bytes",
             "max_tokens_limit",
             "max_upload_bytes",
+            "engine_replicas",
+            "adapter_cache_bytes",
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", "must be >= max_loras")

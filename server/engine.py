@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -44,9 +45,32 @@ class Engine:
     in_flight: int = 0
     """Requests proxied to it right now."""
 
+    base_fingerprint: str = ""
+    """Registry fingerprint of the base it serves; the router never crosses bases."""
+
+    resident_limit: int = 16
+    """How many adapters the engine keeps loaded (its ``--max-cpu-loras``)."""
+
+    _resident: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
     @property
     def name(self) -> str:
         return self.url.removeprefix("http://").removeprefix("https://")
+
+    @property
+    def id(self) -> str:
+        return self.url
+
+    @property
+    def resident(self) -> OrderedDict[str, None]:
+        """Adapters this gateway last served there, most recent last: the engine's likely LRU."""
+        return self._resident
+
+    def served(self, engine_model: str) -> None:
+        self._resident[engine_model] = None
+        self._resident.move_to_end(engine_model)
+        while len(self._resident) > self.resident_limit:
+            self._resident.popitem(last=False)
 
 
 def engine_command(settings: Settings, port: int) -> list[str]:
@@ -85,8 +109,24 @@ def engine_command(settings: Settings, port: int) -> list[str]:
     return cmd + shlex.split(settings.engine_extra_args)
 
 
-def engine_environment(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
+def resolver_environment(
+    settings: Settings, base_fingerprint: str, cache_dir: Path
+) -> dict[str, str]:
+    """What the engine-side resolver plugin reads (server/vllm_plugin.py)."""
+    env = {
+        "LORAPLEX_RESOLVER_DATABASE_URL": settings.resolved_database_url,
+        "LORAPLEX_RESOLVER_BLOB_URL": settings.resolved_blob_url,
+        "LORAPLEX_RESOLVER_CACHE_DIR": str(cache_dir.resolve()),
+        "LORAPLEX_RESOLVER_CACHE_BYTES": str(settings.adapter_cache_bytes),
+        "LORAPLEX_RESOLVER_BASE_FINGERPRINT": base_fingerprint,
+    }
+    if settings.s3_endpoint_url:
+        env["LORAPLEX_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    return env
+
+
+def engine_environment(settings: Settings, resolver: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **resolver}
     # Runtime LoRA updating lets the resolver plugin and the gateway's pre-warm
     # load adapters; the engine's port is loopback-only and key-protected, so
     # users never reach those endpoints.
@@ -112,6 +152,8 @@ class EngineSupervisor:
     settings: Settings
     port: int
     log_path: Path
+    base_fingerprint: str
+    cache_dir: Path
     engine: Engine = field(init=False)
     restarts: int = 0
     process: asyncio.subprocess.Process | None = None
@@ -120,7 +162,9 @@ class EngineSupervisor:
 
     def __post_init__(self) -> None:
         self.engine = Engine(
-            f"http://127.0.0.1:{self.port}", self.settings.resolved_served_model_name
+            f"http://127.0.0.1:{self.port}",
+            self.settings.resolved_served_model_name,
+            base_fingerprint=self.base_fingerprint,
         )
 
     @property
@@ -139,7 +183,10 @@ class EngineSupervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=asyncio.subprocess.STDOUT,
-            env=engine_environment(self.settings),
+            env=engine_environment(
+                self.settings,
+                resolver_environment(self.settings, self.base_fingerprint, self.cache_dir),
+            ),
             start_new_session=True,
         )
 

@@ -11,6 +11,7 @@ mid-stream, an error event that ends the stream.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -125,12 +126,20 @@ async def send(
         raise classify(exc, engine) from exc
 
 
-async def error_from_engine(upstream: httpx.Response) -> Response:
-    """Relay an engine's 4xx (already OpenAI-shaped); turn its 5xx into a 502."""
+async def error_from_engine(upstream: httpx.Response, target: Target) -> Response:
+    """Relay an engine's 4xx (already OpenAI-shaped); turn its 5xx into a 502.
+
+    Engine-side adapter names never reach clients: they are replaced by the
+    name the client asked for.
+    """
     try:
         content = await upstream.aread()
     finally:
         await upstream.aclose()
+    if target.engine_model != target.requested_model:
+        content = content.replace(
+            target.engine_model.encode(), json.dumps(target.requested_model)[1:-1].encode()
+        )
     if 400 <= upstream.status_code < 500:
         try:
             payload = json.loads(content)
@@ -214,13 +223,17 @@ async def _relay(
         outcome.finish()
 
 
+# Only a chunk carrying a usage object is parsed; the rest pass as bytes.
+_USAGE = re.compile(rb'"usage":\s*\{')
+
+
 def _filter_events(events: bytes, outcome: Outcome, keep_usage_chunk: bool) -> bytes:
     """Note the usage chunk's figures; drop it unless the client asked for it."""
-    if b'"usage":{' not in events:
+    if not _USAGE.search(events):
         return events
     kept = []
     for event in events.split(b"\n\n"):
-        if b'"usage":{' in event and event.startswith(b"data: "):
+        if event.startswith(b"data: ") and _USAGE.search(event):
             try:
                 payload = json.loads(event[6:])
             except ValueError:

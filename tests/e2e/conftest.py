@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
+from registry import TENANT_SCOPE, Actor, LocalBlobStore, Registry
 from tests.e2e.serving import REPO, ServeProcess, free_port, wait_gone
+
+OPERATOR = Actor("test:operator", admin=True)
 
 # float32 so greedy outputs can be compared with PEFT's; little KV cache: two engines may run.
 ENGINE_ARGS = [
@@ -74,8 +78,37 @@ def gateway(
 
 
 @pytest.fixture(scope="session")
-def client(gateway: ServeProcess) -> OpenAI:
-    return OpenAI(base_url=gateway.url + "/v1", api_key="unused-until-issue-4", max_retries=0)
+def registry(gateway: ServeProcess) -> Iterator[Registry]:
+    """The gateway's own registry (SQLite under its home), opened beside it as an operator would."""
+    reg = Registry(
+        f"sqlite:///{gateway.home / 'registry.db'}", LocalBlobStore(gateway.home / "blobs")
+    )
+    yield reg
+    reg.close()
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    name: str
+    tenant_id: int
+    key: str
+
+
+def make_tenant(registry: Registry, name: str) -> TenantKeys:
+    tenant = registry.create_tenant(name, OPERATOR)
+    assert tenant.id is not None
+    _, key = registry.create_api_key(tenant.id, TENANT_SCOPE, OPERATOR)
+    return TenantKeys(name, tenant.id, key)
+
+
+@pytest.fixture(scope="session")
+def acme(registry: Registry) -> TenantKeys:
+    return make_tenant(registry, "acme")
+
+
+@pytest.fixture(scope="session")
+def client(gateway: ServeProcess, acme: TenantKeys) -> OpenAI:
+    return OpenAI(base_url=gateway.url + "/v1", api_key=acme.key, max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -125,3 +125,11 @@ def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
         for sample in family.samples
         if sample.name == name
     ]
+
+
+def shared_registry_env(serve: ServeProcess) -> dict[str, str]:
+    """Settings that make another gateway use ``serve``'s registry and blob store."""
+    return {
+        "LORAPLEX_DATABASE_URL": f"sqlite:///{serve.home / 'registry.db'}",
+        "LORAPLEX_BLOB_URL": str(serve.home / "blobs"),
+    }

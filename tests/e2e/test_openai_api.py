@@ -10,7 +10,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.serving import ServeProcess, free_port, metric_samples
+from registry import ADMIN_SCOPE, Registry
+from tests.e2e.conftest import OPERATOR, TenantKeys
+from tests.e2e.serving import ServeProcess, free_port, metric_samples, shared_registry_env
 
 CHAT = [{"role": "user", "content": "What color is the sky?"}]
 
@@ -101,12 +103,12 @@ def test_engine_validation_errors_pass_through(client: OpenAI, base_name: str) -
     ],
 )
 def test_bad_bodies_get_openai_shaped_errors(
-    gateway: ServeProcess, content: bytes, status: int, fragment: str
+    gateway: ServeProcess, acme: TenantKeys, content: bytes, status: int, fragment: str
 ) -> None:
     response = httpx.post(
         gateway.url + "/v1/chat/completions",
         content=content,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", "authorization": f"Bearer {acme.key}"},
         timeout=30,
     )
     assert response.status_code == status
@@ -130,13 +132,16 @@ def test_metrics_count_requests_and_tokens(
     assert [v for _, v in metric_samples(gateway.url, "loraplex_engine_up")] == [1.0]
 
 
-def test_unreachable_engine_gives_503(tmp_path: Path, base_name: str) -> None:
+def test_unreachable_engine_gives_503(
+    tmp_path: Path, base_name: str, gateway: ServeProcess, acme: TenantKeys
+) -> None:
     serve = ServeProcess(
         tmp_path,
         args=["--engine-urls", f"http://127.0.0.1:{free_port()}", "--served-model-name", base_name],
+        env=shared_registry_env(gateway),
     ).start()
     try:
-        deadline_client = OpenAI(base_url=serve.url + "/v1", api_key="x", max_retries=0)
+        deadline_client = OpenAI(base_url=serve.url + "/v1", api_key=acme.key, max_retries=0)
         _wait_listening(serve)
         with pytest.raises(openai.InternalServerError) as info:
             deadline_client.completions.create(model=base_name, prompt="hi", max_tokens=2)
@@ -148,7 +153,12 @@ def test_unreachable_engine_gives_503(tmp_path: Path, base_name: str) -> None:
 
 
 def test_gateway_can_use_an_engine_it_did_not_start(
-    tmp_path: Path, base_name: str, engine_port: int, engine_key: str, gateway: ServeProcess
+    tmp_path: Path,
+    base_name: str,
+    engine_port: int,
+    engine_key: str,
+    gateway: ServeProcess,
+    acme: TenantKeys,
 ) -> None:
     serve = ServeProcess(
         tmp_path,
@@ -158,16 +168,35 @@ def test_gateway_can_use_an_engine_it_did_not_start(
             "--served-model-name",
             base_name,
         ],
-        env={"LORAPLEX_ENGINE_API_KEY": engine_key},
+        env={"LORAPLEX_ENGINE_API_KEY": engine_key, **shared_registry_env(gateway)},
     ).start()
     try:
         serve.wait_ready(timeout=60)
-        other = OpenAI(base_url=serve.url + "/v1", api_key="x", max_retries=0)
+        other = OpenAI(base_url=serve.url + "/v1", api_key=acme.key, max_retries=0)
         reply = other.completions.create(model=base_name, prompt="The sun", max_tokens=4)
         assert reply.choices[0].text
         assert serve.engine_processes() == []  # it started none
     finally:
         assert serve.stop()
+
+
+def test_missing_bad_and_admin_keys_are_refused(
+    gateway: ServeProcess, registry: Registry, base_name: str
+) -> None:
+    _, admin_key = registry.create_api_key(None, ADMIN_SCOPE, OPERATOR)
+    for key, status, code in [
+        (None, 401, "invalid_api_key"),
+        ("lpx-not-a-key", 401, "invalid_api_key"),
+        (admin_key, 403, "admin_key_not_allowed"),
+    ]:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        response = httpx.post(
+            gateway.url + "/v1/completions",
+            json={"model": base_name, "prompt": "hi", "max_tokens": 2},
+            headers=headers,
+        )
+        assert response.status_code == status
+        assert response.json()["error"]["code"] == code
 
 
 def _wait_listening(serve: ServeProcess) -> None:

@@ -10,7 +10,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import ENGINE_ARGS
+from registry import LocalBlobStore, Registry
+from tests.e2e.conftest import ENGINE_ARGS, make_tenant
 from tests.e2e.serving import ServeProcess, free_port, metric_samples, wait_gone
 
 
@@ -27,7 +28,12 @@ def own_serve(demo_base: Path, tmp_path: Path) -> ServeProcess:
 def test_killed_engine_fails_cleanly_restarts_and_leaves_no_orphans(
     own_serve: ServeProcess, base_name: str
 ) -> None:
-    client = OpenAI(base_url=own_serve.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    registry = Registry(
+        f"sqlite:///{own_serve.home / 'registry.db'}", LocalBlobStore(own_serve.home / "blobs")
+    )
+    key = make_tenant(registry, "solo").key
+    registry.close()
+    client = OpenAI(base_url=own_serve.url + "/v1", api_key=key, max_retries=0, timeout=120)
     assert client.completions.create(model=base_name, prompt="Hi", max_tokens=2).choices
 
     # Requests in flight when the engine dies: long generations, streaming and not.

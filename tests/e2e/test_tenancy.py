@@ -1,0 +1,259 @@
+"""Per-tenant multi-LoRA serving on the real vLLM engine, through the official `openai` client.
+
+Each tenant pushes a stock PEFT adapter; the engine fetches it through the
+loraplex resolver plugin; greedy outputs must equal PEFT's own, token for
+token (float32), and no tenant may learn anything about another's adapters.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from registry import AdapterVersion, Registry, TenantLimits
+from server.errors import model_not_found
+from tests.e2e.conftest import OPERATOR, TenantKeys, make_tenant
+from tests.e2e.serving import ServeProcess, metric_samples
+from tests.registry.registry_testdata import build_adapter
+
+PROMPT = "The cat sat on the"
+MAX_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class Pushed:
+    tenant: TenantKeys
+    name: str
+    path: Path
+    version: AdapterVersion
+
+
+def peft_greedy(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int) -> str:
+    """What PEFT itself generates greedily (float32) for ``prompt``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    registry: Registry, acme: TenantKeys, demo_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Pushed]:
+    globex = make_tenant(registry, "globex")
+    out: dict[str, Pushed] = {}
+    for tenant, name, seed in [(acme, "support-bot", 1), (globex, "legal-bot", 2)]:
+        path = build_adapter(
+            demo_base,
+            tmp_path_factory.mktemp(name) / name,
+            seed=seed,
+            r=8,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+        )
+        version = registry.push_adapter(tenant.tenant_id, name, path, demo_base.name, OPERATOR)
+        registry.promote(tenant.tenant_id, name, version.number, OPERATOR)
+        out[name] = Pushed(tenant, name, path, version)
+    return out
+
+
+def client_for(gateway: ServeProcess, tenant: TenantKeys) -> OpenAI:
+    return OpenAI(base_url=gateway.url + "/v1", api_key=tenant.key, max_retries=0, timeout=120)
+
+
+def complete(client: OpenAI, model: str) -> str:
+    reply = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
+    )
+    return reply.choices[0].text
+
+
+def test_each_tenant_gets_exactly_its_adapter(
+    gateway: ServeProcess, pushed: dict[str, Pushed], demo_base: Path
+) -> None:
+    base_text = peft_greedy(demo_base, None, PROMPT, MAX_TOKENS)
+    texts = {}
+    for name, p in pushed.items():
+        expected = peft_greedy(demo_base, p.path, PROMPT, MAX_TOKENS)
+        got = complete(client_for(gateway, p.tenant), name)
+        assert got == expected, f"{name}: gateway {got!r} != PEFT {expected!r}"
+        texts[name] = got
+    assert complete(client_for(gateway, pushed["support-bot"].tenant), demo_base.name) == base_text
+    assert texts["support-bot"] != base_text or texts["legal-bot"] != base_text
+    assert texts["support-bot"] != texts["legal-bot"]
+
+
+def test_responses_say_what_served_them(gateway: ServeProcess, pushed: dict[str, Pushed]) -> None:
+    p = pushed["support-bot"]
+    raw = client_for(gateway, p.tenant).completions.with_raw_response.create(
+        model="support-bot@1", prompt=PROMPT, max_tokens=2
+    )
+    assert raw.headers["x-loraplex-adapter"] == "support-bot"
+    assert raw.headers["x-loraplex-version"] == "1"
+    assert raw.parse().model == "support-bot@1"
+
+
+def test_models_lists_the_base_and_only_own_adapters(
+    gateway: ServeProcess, pushed: dict[str, Pushed], base_name: str
+) -> None:
+    for name, p in pushed.items():
+        ids = {m.id for m in client_for(gateway, p.tenant).models.list()}
+        assert ids == {base_name, name}
+
+
+def test_isolation_every_foreign_or_hidden_name_is_the_same_404(
+    gateway: ServeProcess, pushed: dict[str, Pushed], registry: Registry, demo_base: Path
+) -> None:
+    own = pushed["support-bot"]
+    acme = own.tenant
+    foreign = pushed["legal-bot"]
+    retired_path = build_adapter(demo_base, own.path.parent / "retired", seed=11, r=8)
+    retired = registry.push_adapter(
+        acme.tenant_id, own.name, retired_path, demo_base.name, OPERATOR
+    )
+    registry.retire(acme.tenant_id, own.name, retired.number, OPERATOR)
+    time.sleep(1.0)
+    probes = [
+        f"support-bot@{retired.number}",  # own adapter, retired version
+        retired.engine_name,
+        "legal-bot",  # another tenant's adapter
+        "legal-bot@1",
+        "legal-bot:production",
+        foreign.version.engine_name,  # engine-side names
+        pushed["support-bot"].version.engine_name,
+        "no-such-adapter",
+        "support-bot@99",  # own adapter, unknown version
+        "support-bot:nonexistent-alias",
+        "Legal-bot",
+        " legal-bot",
+        "legal-bot ",
+        "legal\u2010bot",
+        "\u217cegal-bot",
+    ]
+    for name in probes:
+        response = httpx.post(
+            gateway.url + "/v1/completions",
+            json={"model": name, "prompt": "hi", "max_tokens": 2},
+            headers={"authorization": f"Bearer {acme.key}"},
+            timeout=30,
+        )
+        assert response.status_code == 404, name
+        assert response.json() == model_not_found(name).body(), name
+
+
+def test_promote_and_rollback_under_load_fail_nothing(
+    gateway: ServeProcess, pushed: dict[str, Pushed], registry: Registry, demo_base: Path
+) -> None:
+    p = pushed["support-bot"]
+    tenant = p.tenant
+    v2_path = build_adapter(demo_base, p.path.parent / "v2", seed=7, r=8)
+    v2 = registry.push_adapter(tenant.tenant_id, p.name, v2_path, demo_base.name, OPERATOR)
+    client = client_for(gateway, tenant)
+
+    failures: list[BaseException] = []
+    seen: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                raw = client.completions.with_raw_response.create(
+                    model=p.name, prompt=PROMPT, max_tokens=2
+                )
+                seen.append((time.monotonic(), raw.headers["x-loraplex-version"]))
+            except BaseException as exc:
+                failures.append(exc)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(2)
+        promoted_at = time.monotonic()
+        registry.promote(tenant.tenant_id, p.name, v2.number, OPERATOR)
+        time.sleep(3)
+        rolled_back_at = time.monotonic()
+        registry.rollback(tenant.tenant_id, p.name, OPERATOR)
+        time.sleep(3)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+    assert failures == []
+    after_promote = [v for t, v in seen if promoted_at + 1.0 < t < rolled_back_at]
+    after_rollback = [v for t, v in seen if t > rolled_back_at + 1.0]
+    assert after_promote and set(after_promote) == {str(v2.number)}
+    assert after_rollback and set(after_rollback) == {"1"}
+
+
+def test_canary_splits_traffic_by_user(
+    gateway: ServeProcess, pushed: dict[str, Pushed], registry: Registry, demo_base: Path
+) -> None:
+    p = pushed["support-bot"]
+    versions = registry.list_versions(p.tenant.tenant_id, p.name)
+    canary = versions[-1]
+    registry.canary(p.tenant.tenant_id, p.name, canary.number, 0.3, OPERATOR)
+    time.sleep(1.0)
+    client = client_for(gateway, p.tenant)
+    labels: dict[str, str] = {}
+    try:
+        for i in range(60):
+            raw = client.completions.with_raw_response.create(
+                model=p.name, prompt="x", max_tokens=1, user=f"user-{i}"
+            )
+            labels[f"user-{i}"] = raw.headers["x-loraplex-route"]
+        again = client.completions.with_raw_response.create(
+            model=p.name, prompt="x", max_tokens=1, user="user-7"
+        )
+        assert again.headers["x-loraplex-route"] == labels["user-7"]  # sticky
+    finally:
+        registry.clear_canary(p.tenant.tenant_id, p.name, OPERATOR)
+    share = sum(label == "canary" for label in labels.values()) / len(labels)
+    assert 0.1 < share < 0.5, share
+
+
+def test_tenant_over_its_limits_gets_429_others_do_not(
+    gateway: ServeProcess, pushed: dict[str, Pushed], registry: Registry, base_name: str
+) -> None:
+    noisy = make_tenant(registry, "noisy")
+    registry.set_tenant_limits(noisy.tenant_id, TenantLimits(requests_per_minute=3), OPERATOR)
+    time.sleep(1.0)
+    noisy_client = client_for(gateway, noisy)
+    quiet_client = client_for(gateway, pushed["legal-bot"].tenant)
+    statuses = []
+    for _ in range(6):
+        try:
+            noisy_client.completions.create(model=base_name, prompt="x", max_tokens=1)
+            statuses.append(200)
+        except openai.RateLimitError as exc:
+            statuses.append(429)
+            assert int(exc.response.headers["retry-after"]) >= 1
+    assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429, 429]
+    quiet_client.completions.create(model=base_name, prompt="x", max_tokens=1)
+
+
+def test_usage_is_persisted_per_tenant_and_adapter(
+    gateway: ServeProcess, pushed: dict[str, Pushed], registry: Registry
+) -> None:
+    p = pushed["legal-bot"]
+    complete(client_for(gateway, p.tenant), p.name)
+    time.sleep(2.5)  # the gateway flushes usage once a second
+    rows = [u for u in registry.usage(p.tenant.tenant_id) if u.adapter == p.name]
+    assert rows and rows[0].completion_tokens > 0 and rows[0].requests >= 1
+    tokens = metric_samples(gateway.url, "loraplex_tokens_total")
+    assert any(labels["adapter"] == p.name and value > 0 for labels, value in tokens)
