@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -21,13 +21,16 @@ from registry.errors import CorruptBlob, NotFound
 
 _CHUNK = 1 << 20
 
+Progress = Callable[[int, int], None]
+"""Called as bytes go out: (bytes sent so far, total bytes)."""
+
 
 class BlobStore(Protocol):
     """Where adapter blobs live. Implementations must be safe to share between threads."""
 
     def exists(self, key: str) -> bool: ...
 
-    def put(self, key: str, source: Path) -> None:
+    def put(self, key: str, source: Path, progress: Progress | None = None) -> None:
         """Store ``source`` under ``key`` atomically; a no-op if ``key`` exists."""
 
     def fetch(self, key: str, sha256: str, dest: Path) -> None:
@@ -94,13 +97,19 @@ class LocalBlobStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def put(self, key: str, source: Path) -> None:
+    def put(self, key: str, source: Path, progress: Progress | None = None) -> None:
         dest = self._path(key)
+        total, sent = source.stat().st_size, 0
         if dest.is_file():
+            if progress:
+                progress(total, total)
             return
         with _temp_beside(dest) as (f, tmp), source.open("rb") as src:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 f.write(chunk)
+                sent += len(chunk)
+                if progress:
+                    progress(sent, total)
             _commit(f, tmp, dest)
 
     def fetch(self, key: str, sha256: str, dest: Path) -> None:
@@ -153,10 +162,23 @@ class S3BlobStore:
             raise
         return True
 
-    def put(self, key: str, source: Path) -> None:
+    def put(self, key: str, source: Path, progress: Progress | None = None) -> None:
+        total = source.stat().st_size
         if self.exists(key):
+            if progress:
+                progress(total, total)
             return
-        self.client.upload_file(str(source), self.bucket, self._key(key), Config=self.transfer)
+        sent = 0
+
+        def callback(amount: int) -> None:  # boto3 reports increments, from worker threads
+            nonlocal sent
+            sent += amount
+            if progress:
+                progress(sent, total)
+
+        self.client.upload_file(
+            str(source), self.bucket, self._key(key), Config=self.transfer, Callback=callback
+        )
 
     def fetch(self, key: str, sha256: str, dest: Path) -> None:
         from botocore.exceptions import ClientError

@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 
 from registry import audit, lifecycle
 from registry.archive import UploadSource, stage_upload
-from registry.blobs import BlobStore
+from registry.blobs import BlobStore, Progress
 from registry.bundle import build_bundle, unpack_bundle
 from registry.db import WRITE_OPTION, make_engine, migrate
 from registry.errors import (
@@ -341,8 +341,12 @@ class Registry:
         actor: Actor,
         provenance: Provenance | None = None,
         description: str | None = None,
+        progress: Progress | None = None,
     ) -> AdapterVersion:
-        """Validate and store an upload as the adapter's next version (idempotent per content)."""
+        """Validate and store an upload as the adapter's next version (idempotent per content).
+
+        ``progress(sent, total)`` is called while the blob goes to the blob store.
+        """
         self.get_tenant(tenant_id)
         with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
             pinned, adapter = self._stage_and_validate(Path(tmp), source, base)
@@ -352,7 +356,7 @@ class Registry:
                 return self._existing(same, pinned)
             key = f"adapters/{adapter.fingerprint}.tar"
             sha256, size = build_bundle(adapter, Path(tmp) / "bundle.tar")
-            self.blobs.put(key, Path(tmp) / "bundle.tar")
+            self.blobs.put(key, Path(tmp) / "bundle.tar", progress)
         version = dict(
             fingerprint=adapter.fingerprint,
             engine_name=engine_name(adapter.fingerprint),
