@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +63,10 @@ FETCH_TIMEOUT_ENV = "LORAPLEX_RESOLVER_FETCH_TIMEOUT"
 """Seconds one resolution (registry lookup + fetch) may take before the request fails
 with 503. Default: 120."""
 
+DEFAULT_CACHE_DIR = Path("~/.cache/loraplex/adapters")
+DEFAULT_CACHE_BYTES = 10 << 30
+DEFAULT_FETCH_TIMEOUT = 120.0
+
 ENGINE_NAME = re.compile(r"lx-[0-9a-f]{16}")
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
@@ -78,6 +82,16 @@ class ResolverConfigError(ValueError):
         super().__init__(f"the loraplex LoRA resolver cannot start; fix its environment:\n{lines}")
 
 
+class WrongBase(Exception):
+    """The model vLLM serves is not the base the resolver was told it serves."""
+
+    def __init__(self, model: str, served: str, declared: str) -> None:
+        super().__init__(
+            f"this engine serves {model} (base fingerprint {served}), but "
+            f"{BASE_FINGERPRINT_ENV} is {declared}; set it to the served base's fingerprint"
+        )
+
+
 @dataclass(frozen=True)
 class ResolverConfig:
     """Everything the resolver needs, read from ``LORAPLEX_RESOLVER_*`` variables."""
@@ -88,33 +102,31 @@ class ResolverConfig:
     """Local blob directory or ``s3://bucket/prefix`` (``LORAPLEX_RESOLVER_BLOB_URL``)."""
     base_fingerprint: str
     """Fingerprint of the base this engine serves (``LORAPLEX_RESOLVER_BASE_FINGERPRINT``)."""
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache/loraplex/adapters")
+    cache_dir: Path = DEFAULT_CACHE_DIR
     """Disk cache directory (``LORAPLEX_RESOLVER_CACHE_DIR``)."""
-    cache_bytes: int = 10 << 30
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     """Disk cache size bound in bytes (``LORAPLEX_RESOLVER_CACHE_BYTES``)."""
     s3_endpoint_url: str | None = None
     """S3 endpoint of an S3-compatible store (``LORAPLEX_S3_ENDPOINT_URL``)."""
-    fetch_timeout: float = 120.0
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     """Seconds one resolution may take (``LORAPLEX_RESOLVER_FETCH_TIMEOUT``)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ResolverConfig:
         """Read and check every variable; raises ``ResolverConfigError`` listing all problems."""
         problems: list[str] = []
-        values = dict(
+        config = cls(
             database_url=_required(env, DATABASE_URL_ENV, problems),
             blob_url=_required(env, BLOB_URL_ENV, problems),
             base_fingerprint=_fingerprint(env, problems),
-            s3_endpoint_url=env.get(S3_ENDPOINT_ENV) or None,
-        )
-        optional = dict(
-            cache_dir=Path(env[CACHE_DIR_ENV]).expanduser() if env.get(CACHE_DIR_ENV) else None,
+            cache_dir=Path(env.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser(),
             cache_bytes=_size(env, problems),
+            s3_endpoint_url=env.get(S3_ENDPOINT_ENV) or None,
             fetch_timeout=_timeout(env, problems),
         )
         if problems:
             raise ResolverConfigError(problems)
-        return cls(**values, **{k: v for k, v in optional.items() if v is not None})  # type: ignore[arg-type]
+        return config
 
 
 def _required(env: Mapping[str, str], name: str, problems: list[str]) -> str:
@@ -129,15 +141,15 @@ def _fingerprint(env: Mapping[str, str], problems: list[str]) -> str:
     if value and not FINGERPRINT.fullmatch(value):
         problems.append(
             f"{BASE_FINGERPRINT_ENV}={value!r} is not a base fingerprint (64 hex digits); "
-            "copy it from `loraplex bases` or the registry's base record"
+            "copy it from `loraplex bases list` or the registry's base record"
         )
     return value
 
 
-def _size(env: Mapping[str, str], problems: list[str]) -> int | None:
+def _size(env: Mapping[str, str], problems: list[str]) -> int:
     raw = env.get(CACHE_BYTES_ENV, "").strip()
     if not raw:
-        return None
+        return DEFAULT_CACHE_BYTES
     match = _SIZE.fullmatch(raw)
     size = int(match[1]) * _UNITS[match[2].upper()] if match else 0
     if size < 1:
@@ -147,10 +159,10 @@ def _size(env: Mapping[str, str], problems: list[str]) -> int | None:
     return size
 
 
-def _timeout(env: Mapping[str, str], problems: list[str]) -> float | None:
+def _timeout(env: Mapping[str, str], problems: list[str]) -> float:
     raw = env.get(FETCH_TIMEOUT_ENV, "").strip()
     if not raw:
-        return None
+        return DEFAULT_FETCH_TIMEOUT
     try:
         seconds = float(raw)
     except ValueError:
@@ -180,12 +192,13 @@ class LoraplexResolver:
         registry: Registry,
         cache: AdapterCache,
         base_fingerprint: str,
-        fetch_timeout: float = 120.0,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
     ) -> None:
         self.registry = registry
         self.cache = cache
         self.base_fingerprint = base_fingerprint
         self.fetch_timeout = fetch_timeout
+        self._checked_bases: set[str] = set()
         # Our own threads: a hung blob store must not tie up vLLM's default executor.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraplex-resolver")
 
@@ -198,7 +211,7 @@ class LoraplexResolver:
         if not ENGINE_NAME.fullmatch(lora_name):
             return None
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._executor, self._locate, lora_name)
+        work = loop.run_in_executor(self._executor, self._locate, base_model_name, lora_name)
         try:
             located = await asyncio.wait_for(work, self.fetch_timeout)
         except TimeoutError:
@@ -214,8 +227,9 @@ class LoraplexResolver:
             lora_name=lora_name, lora_int_id=lora_int_id(fingerprint), lora_path=str(path)
         )
 
-    def _locate(self, name: str) -> tuple[str, Path] | None:
+    def _locate(self, base_model_name: str, name: str) -> tuple[str, Path] | None:
         """(fingerprint, cached directory) of a servable version (blocking: DB and blobs)."""
+        self._check_served_base(base_model_name)
         found = self.registry.version_by_engine_name(name)
         if found is None:
             return None
@@ -230,6 +244,21 @@ class LoraplexResolver:
             )
             return None
         return found.version.fingerprint, self.cache.get(name, self.registry.fetch_version)
+
+    def _check_served_base(self, base_model_name: str) -> None:
+        """Serve nothing if the model vLLM loaded is not the base this engine declares.
+
+        vLLM passes its ``--model`` value; a local directory is fingerprinted once
+        (config, tokenizer and weight index: no weight bytes). Hub ids are trusted.
+        """
+        if base_model_name in self._checked_bases or not Path(base_model_name).is_dir():
+            return
+        from registry.fingerprint import fingerprint_base
+
+        served = fingerprint_base(Path(base_model_name)).fingerprint
+        if served != self.base_fingerprint:
+            raise WrongBase(base_model_name, served, self.base_fingerprint)
+        self._checked_bases.add(base_model_name)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -264,11 +293,11 @@ def build_resolver(config: ResolverConfig) -> LoraplexResolver:
         raise ResolverConfigError([f"{DATABASE_URL_ENV} is unusable: {exc}"]) from exc
     try:
         _check_base(registry, config.base_fingerprint)
-        _check_cache_dir(config.cache_dir)
+        _check_cache_dir(config.cache_dir.expanduser())
     except ResolverConfigError:
         registry.close()
         raise
-    cache = AdapterCache(config.cache_dir, config.cache_bytes)
+    cache = AdapterCache(config.cache_dir.expanduser(), config.cache_bytes)
     return LoraplexResolver(registry, cache, config.base_fingerprint, config.fetch_timeout)
 
 

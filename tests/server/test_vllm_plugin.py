@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,7 +197,6 @@ async def test_a_version_pinned_to_another_base_is_never_served(
     registry: Registry,
     versions: list[AdapterVersion],
     other_base: Path,
-    tiny_base: Path,
     cache_dir: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -205,10 +204,23 @@ async def test_a_version_pinned_to_another_base_is_never_served(
     resolver = make_resolver(registry, cache_dir, other.fingerprint)
 
     with caplog.at_level(logging.WARNING, logger="server.vllm_plugin"):
-        assert await resolve(resolver, tiny_base, versions[0].engine_name) is None
+        assert await resolve(resolver, other_base, versions[0].engine_name) is None
 
     assert f"pinned to base {BASE_NAME}@{BASE_REVISION}" in caplog.text
     assert versions[0].engine_name in caplog.text and other.fingerprint in caplog.text
+    assert cached(cache_dir) == []
+
+
+async def test_an_engine_serving_another_base_than_declared_serves_nothing(
+    resolver: LoraplexResolver,
+    versions: list[AdapterVersion],
+    other_base: Path,
+    cache_dir: Path,
+) -> None:
+    with pytest.raises(GracefulHTTPError, match=vllm_plugin.BASE_FINGERPRINT_ENV) as raised:
+        await resolve(resolver, other_base, versions[0].engine_name)
+
+    assert raised.value.http_status == 503
     assert cached(cache_dir) == []
 
 
@@ -253,33 +265,28 @@ async def test_a_restarted_engine_serves_from_its_disk_cache(
 # -- failures ----------------------------------------------------------------------
 
 
-async def test_a_corrupt_blob_fails_with_503_and_caches_nothing(
+def delete(blobs: BlobStore, version: AdapterVersion) -> None:
+    blobs.delete(version.blob_key)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"), [(corrupt, "is corrupt"), (delete, "missing from the blob store")]
+)
+async def test_a_bad_blob_fails_with_503_and_caches_nothing(
     resolver: LoraplexResolver,
     blobs: BlobStore,
     versions: list[AdapterVersion],
     tiny_base: Path,
     cache_dir: Path,
+    damage: Callable[[BlobStore, AdapterVersion], None],
+    message: str,
 ) -> None:
-    corrupt(blobs, versions[0])
+    damage(blobs, versions[0])
 
-    with pytest.raises(GracefulHTTPError, match="corrupt") as raised:
+    with pytest.raises(GracefulHTTPError, match=message) as raised:
         await resolve(resolver, tiny_base, versions[0].engine_name)
 
     assert raised.value.http_status == 503
-    assert cached(cache_dir) == []
-
-
-async def test_a_missing_blob_fails_with_503_and_caches_nothing(
-    resolver: LoraplexResolver,
-    blobs: BlobStore,
-    versions: list[AdapterVersion],
-    tiny_base: Path,
-    cache_dir: Path,
-) -> None:
-    blobs.delete(versions[0].blob_key)
-
-    with pytest.raises(GracefulHTTPError, match="missing from the blob store"):
-        await resolve(resolver, tiny_base, versions[0].engine_name)
     assert cached(cache_dir) == []
 
 
