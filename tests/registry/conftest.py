@@ -24,6 +24,7 @@ from sqlmodel import SQLModel
 
 from registry import (
     Actor,
+    AdapterVersion,
     BaseModelRecord,
     BlobStore,
     LocalBlobStore,
@@ -127,3 +128,12 @@ def base(registry: Registry, tiny_base: Path) -> BaseModelRecord:
 @pytest.fixture
 def tenant(registry: Registry) -> Tenant:
     return registry.create_tenant("acme", ADMIN)
+
+
+@pytest.fixture
+def bot_v1(
+    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path]
+) -> AdapterVersion:
+    """Version 1 of tenant acme's adapter "bot": the stock PEFT adapter v1."""
+    assert tenant.id is not None
+    return registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)

@@ -6,18 +6,16 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN
-from registry_testdata import BASE_NAME, blob_keys
+from registry_testdata import blob_keys
 
 from registry import (
-    BaseModelRecord,
+    AdapterVersion,
     BlobStore,
     CorruptBlob,
     LocalBlobStore,
     NotFound,
     Registry,
     S3BlobStore,
-    Tenant,
     open_blob_store,
 )
 
@@ -90,12 +88,9 @@ def test_open_blob_store_reads_urls(tmp_path: Path) -> None:
 
 
 def test_fetch_version_refuses_a_corrupt_blob(
-    registry: Registry, base: BaseModelRecord, tenant: Tenant, adapters: dict[str, Path],
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    assert tenant.id is not None
-    version = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
-    _overwrite(registry.blobs, version.blob_key, b"tampered")
+    registry: Registry, bot_v1: AdapterVersion, tmp_path: Path
+) -> None:
+    _overwrite(registry.blobs, bot_v1.blob_key, b"tampered")
     with pytest.raises(CorruptBlob):
-        registry.fetch_version(version.engine_name, tmp_path / "cache")
+        registry.fetch_version(bot_v1.engine_name, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []

@@ -11,7 +11,7 @@ from conftest import ADMIN
 from registry_testdata import BASE_NAME, blob_keys, copy_adapter, edit_config
 from safetensors.torch import load_file
 
-from registry import BaseModelRecord, Provenance, Registry, Tenant, engine_name
+from registry import AdapterVersion, BaseModelRecord, Provenance, Registry, Tenant, engine_name
 
 
 def test_push_stock_peft_output_unchanged(
@@ -91,15 +91,13 @@ def test_provenance_is_recorded(
 
 def test_fetch_version_gives_the_canonical_files(
     registry: Registry,
-    base: BaseModelRecord,
-    tenant: Tenant,
+    bot_v1: AdapterVersion,
     adapters: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    assert tenant.id is not None
-    version = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
+    version = bot_v1
     found = registry.version_by_engine_name(version.engine_name)
-    assert found is not None and found.base.id == base.id
+    assert found is not None and found.base.id == version.base_id
     assert found.blob_sha256 == version.blob_sha256
     fetched = registry.fetch_version(version.engine_name, tmp_path / "cache")
     assert fetched == tmp_path / "cache" / version.engine_name
@@ -120,8 +118,7 @@ def test_fetch_version_gives_the_canonical_files(
 
 def test_fetched_adapter_loads_in_peft(
     registry: Registry,
-    base: BaseModelRecord,
-    tenant: Tenant,
+    bot_v1: AdapterVersion,
     adapters: dict[str, Path],
     tiny_base: Path,
     tmp_path: Path,
@@ -130,8 +127,7 @@ def test_fetched_adapter_loads_in_peft(
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    assert tenant.id is not None
-    version = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
+    version = bot_v1
     fetched = registry.fetch_version(version.engine_name, tmp_path / "cache")
     ids = torch.tensor([[1, 2, 3, 4]])
     outputs = [
@@ -143,13 +139,11 @@ def test_fetched_adapter_loads_in_peft(
 
 def test_blob_is_deterministic_tar(
     registry: Registry,
-    base: BaseModelRecord,
-    tenant: Tenant,
+    bot_v1: AdapterVersion,
     adapters: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    assert tenant.id is not None
-    version = registry.push_adapter(tenant.id, "bot", adapters["v1"], BASE_NAME, ADMIN)
+    version = bot_v1
     registry.blobs.fetch(version.blob_key, version.blob_sha256, tmp_path / "blob.tar")
     with tarfile.open(tmp_path / "blob.tar") as tar:
         members = tar.getmembers()
