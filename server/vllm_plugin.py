@@ -297,6 +297,8 @@ def build_resolver(config: ResolverConfig) -> LoraplexResolver:
     except ResolverConfigError:
         registry.close()
         raise
+    # vLLM may fork after plugins load; no connection opened by the checks may cross it.
+    registry.engine.dispose()
     cache = AdapterCache(config.cache_dir.expanduser(), config.cache_bytes)
     return LoraplexResolver(registry, cache, config.base_fingerprint, config.fetch_timeout)
 

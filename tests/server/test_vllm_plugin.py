@@ -30,6 +30,7 @@ from vllm.exceptions import GracefulHTTPError
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolverRegistry
+from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
 
 from registry import (
     Actor,
@@ -429,6 +430,11 @@ def test_importing_the_plugin_imports_neither_vllm_nor_the_registry() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_vllm_finds_register_through_the_entry_point() -> None:
+    plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
+    assert plugins["loraplex_resolver"] is vllm_plugin.register
 
 
 def test_register_does_nothing_without_the_database_url(
