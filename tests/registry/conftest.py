@@ -19,7 +19,6 @@ from registry_testdata import (
     drop_database,
     seaweedfs,
 )
-from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from registry import (
@@ -71,12 +70,19 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
 
 
-def _truncate_all(url: str) -> None:
-    registry = Registry(url, LocalBlobStore(Path("/nonexistent-unused")), auto_migrate=True)
-    tables = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
-    with registry.engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE TABLE {tables} RESTART IDENTITY CASCADE"))
+@pytest.fixture(scope="session")
+def pg_registry(pg_url: str) -> Iterator[Registry]:
+    """A registry on the session's PostgreSQL database, migrated once; used to empty it."""
+    registry = Registry(pg_url, LocalBlobStore(Path("/nonexistent-unused")))
+    yield registry
     registry.close()
+
+
+def _empty(registry: Registry) -> None:
+    # DELETE, children first: TRUNCATE takes ~0.5 s per call, DELETE on a few rows ~ms.
+    with registry.engine.begin() as conn:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            conn.execute(table.delete())
 
 
 @pytest.fixture(params=BACKENDS)
@@ -96,8 +102,8 @@ def blob_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
 def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "sqlite-local":
         return f"sqlite:///{tmp_path / 'registry.db'}"
+    _empty(request.getfixturevalue("pg_registry"))
     url: str = request.getfixturevalue("pg_url")
-    _truncate_all(url)
     return url
 
 
