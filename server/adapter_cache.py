@@ -163,11 +163,9 @@ class AdapterCache:
         return path
 
     def _is_cached(self, name: str, path: Path) -> bool:
-        with self._lock:
-            known = name in self._index()
-        if known and _complete(path):
+        if _complete(path):
             return True
-        if known or path.exists():  # damaged behind our back, or left half-made: refetch
+        if path.exists():  # damaged behind our back: fetch it again
             log.warning("adapter cache entry %s is incomplete; fetching it again", path)
             self._forget(name)
         return False
@@ -193,9 +191,16 @@ class AdapterCache:
             CACHE_BYTES.set(sum(e.size_bytes for e in self._index().values()))
 
     def _forget(self, name: str) -> None:
-        shutil.rmtree(self.root / name, ignore_errors=True)
         with self._lock:
-            self._index().pop(name, None)
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        """Remove an entry at once (lock held); a crash mid-way leaves only a leftover."""
+        self._index().pop(name, None)
+        doomed = self.root / f".{name}.evicted"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.root / name, doomed)
+        _remove(doomed)
 
     def _evict_over_budget(self) -> None:
         """Drop least recently used, unheld entries until the total fits (lock held)."""
@@ -206,8 +211,7 @@ class AdapterCache:
                 return
             if entry.name in self._held:
                 continue
-            shutil.rmtree(self.root / entry.name, ignore_errors=True)
-            del index[entry.name]
+            self._delete(entry.name)
             total -= entry.size_bytes
             log.info(
                 "evicted adapter %s (%d bytes) from the disk cache", entry.name, entry.size_bytes

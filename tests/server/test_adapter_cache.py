@@ -134,10 +134,13 @@ def test_a_new_cache_on_the_same_root_reuses_entries_and_their_recency(tmp_path:
     assert names(restarted) == ["lx-a", "lx-c", "lx-d"]
 
 
-def test_leftovers_of_an_interrupted_fetch_are_removed_on_start(tmp_path: Path) -> None:
+def test_leftovers_of_interrupted_fetches_and_evictions_are_removed_on_start(
+    tmp_path: Path,
+) -> None:
     fill(AdapterCache(tmp_path, 100 * KB), FakeFetch(), "lx-a")
     (tmp_path / ".lx-b.abc123.tar").write_bytes(b"half a download")
     (tmp_path / ".lx-b.def456").mkdir()
+    (tmp_path / ".lx-c.evicted").mkdir()  # an eviction cut short
     (tmp_path / "operator-notes.txt").write_text("not ours: left alone")
 
     assert names(AdapterCache(tmp_path, 100 * KB)) == ["lx-a"]
