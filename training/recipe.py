@@ -1,0 +1,293 @@
+"""The LoRA training recipe (torchtune style: ``setup``, ``train``, ``evaluate``, ``save``).
+
+Supervised fine-tuning minimises the cross-entropy of answer tokens only; DPO
+(``method="dpo"``) minimises the DPO loss with the frozen base as the reference model:
+the same weights with the adapter switched off (``disable_adapter()``), so no second
+copy of the base is loaded. Reference log-probabilities never change, so they are
+computed once in ``setup``.
+
+Validation runs every ``eval_every`` optimizer steps and at the end; the adapter
+weights with the best validation loss are kept in memory and are what ``save`` writes,
+and ``patience`` evaluations without improvement stop training early. ``save`` writes
+only what vLLM serves: a plain LoRA (no ``modules_to_save``, no biases, no DoRA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from training.config import ConfigError, TrainConfig
+from training.data import DatasetError, Example
+from training.losses import collate, dpo_loss, mean_answer_loss, sequence_logprobs
+from training.render import Tokenized, preference_turns, tokenize_example, tokenize_turn
+
+
+class TrainingCancelled(RuntimeError):
+    """``should_stop`` asked training to end; nothing was saved."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What happened at one optimizer step (validation fields only on evaluation steps)."""
+
+    step: int
+    total_steps: int
+    train_loss: float
+    learning_rate: float
+    validation_loss: float | None = None
+    is_best: bool = False
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    best_step: int = 0
+    best_validation_loss: float | None = None
+    final_train_loss: float = math.nan
+    stopped_early: bool = False
+    history: list[StepReport] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A preference pair, tokenized, with the frozen reference's log-probabilities."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+    reference: tuple[float, float] = (0.0, 0.0)
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU when there is one, float32 on CPU (CPU bf16 matmuls are slow)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_base(base_dir: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, torch.device]:
+    """The base model (eval mode, on the picked device) and its tokenizer."""
+    device, dtype = pick_device()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+    model.eval()
+    return tokenizer, model, device
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LoRARecipe:
+    """One LoRA training run on one base model."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        base_dir: Path,
+        on_step: Callable[[StepReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.base_dir = Path(base_dir)
+        self.on_step = on_step or (lambda report: None)
+        self.should_stop = should_stop or (lambda: False)
+        self._best: dict[str, torch.Tensor] | None = None
+
+    # -- setup ----------------------------------------------------------------
+
+    def setup(self, train: Sequence[Example], validation: Sequence[Example]) -> None:
+        """Load the base, wrap it with a fresh LoRA, tokenize the data, build the optimizer."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.tokenizer, base, self.device = load_base(self.base_dir)
+        self._check_targets(base)
+        torch.manual_seed(self.config.seed)
+        lora = LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,
+            lora_dropout=self.config.dropout,
+            target_modules=list(self.config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model: PeftModel = get_peft_model(base, lora)  # type: ignore[assignment]
+        self.pad_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
+        self.train_items = self._prepare(train)
+        if not self.train_items:
+            raise DatasetError(
+                "the training split", ["no example with a supervised token; see the audit"]
+            )
+        self.validation_items = self._prepare(validation)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
+        self.total_steps = self._total_steps()
+        warmup = int(self.config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: _lr_factor(s, self.total_steps, warmup, self.config.schedule),
+        )
+
+    def _check_targets(self, model: torch.nn.Module) -> None:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in self.config.target_modules if m not in names]
+        if missing:
+            raise ConfigError(
+                [
+                    f"target module {m!r} is not in the base model; pick from its linear layers"
+                    for m in missing
+                ]
+            )
+
+    def _prepare(self, examples: Sequence[Example]) -> list[Tokenized] | list[_Pair]:
+        if self.config.method == "dpo":
+            return self._prepare_pairs(examples)
+        items = [tokenize_example(self.tokenizer, e, self.config.max_length) for e in examples]
+        return [item for item in items if item.supervised_tokens > 0]
+
+    def _prepare_pairs(self, examples: Sequence[Example]) -> list[_Pair]:
+        pairs = []
+        for example in examples:
+            chosen, rejected = (
+                tokenize_turn(self.tokenizer, t, self.config.max_length)
+                for t in preference_turns(self.tokenizer, example)
+            )
+            if chosen.supervised_tokens and rejected.supervised_tokens:
+                pairs.append(_Pair(chosen, rejected))
+        return [_Pair(p.chosen, p.rejected, self._reference(p)) for p in pairs]
+
+    @torch.no_grad()
+    def _reference(self, pair: _Pair) -> tuple[float, float]:
+        batch = collate([pair.chosen, pair.rejected], self.pad_id, self.device)
+        with self.model.disable_adapter():
+            chosen, rejected = sequence_logprobs(self.model, batch).tolist()
+        return chosen, rejected
+
+    def _total_steps(self) -> int:
+        per_step = self.config.batch_size * self.config.grad_accumulation
+        steps = self.config.epochs * math.ceil(len(self.train_items) / per_step)
+        return min(steps, self.config.max_steps or steps)
+
+    # -- losses ---------------------------------------------------------------
+
+    def _loss(self, items: Sequence[Tokenized] | Sequence[_Pair]) -> torch.Tensor:
+        if self.config.method == "dpo":
+            return self._dpo_loss(items)  # type: ignore[arg-type]
+        return mean_answer_loss(self.model, collate(items, self.pad_id, self.device))  # type: ignore[arg-type]
+
+    def _dpo_loss(self, pairs: Sequence[_Pair]) -> torch.Tensor:
+        rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        logps = sequence_logprobs(self.model, collate(rows, self.pad_id, self.device))
+        reference = torch.tensor([p.reference for p in pairs], device=self.device)
+        n = len(pairs)
+        loss, _ = dpo_loss(logps[:n], logps[n:], reference[:, 0], reference[:, 1], self.config.beta)
+        return loss
+
+    # -- train ----------------------------------------------------------------
+
+    def _micro_batches(self, generator: torch.Generator) -> Iterator[list[list[int]]]:
+        """Optimizer steps as lists of micro-batches of item indices, epoch after epoch."""
+        size, accumulate = self.config.batch_size, self.config.grad_accumulation
+        for _ in range(self.config.epochs):
+            order = torch.randperm(len(self.train_items), generator=generator).tolist()
+            micro = [order[i : i + size] for i in range(0, len(order), size)]
+            for start in range(0, len(micro), accumulate):
+                yield micro[start : start + accumulate]
+
+    def train(self) -> TrainResult:
+        """Run the optimizer steps; raises ``TrainingCancelled`` if ``should_stop`` says so."""
+        result = TrainResult()
+        generator = torch.Generator().manual_seed(self.config.seed)
+        stale = 0
+        self.model.train()
+        for step, group in enumerate(self._micro_batches(generator), start=1):
+            train_loss = self._optimizer_step(group)
+            report = StepReport(step, self.total_steps, train_loss, self.scheduler.get_last_lr()[0])
+            if step % self.config.eval_every == 0 or step == self.total_steps:
+                report, improved = self._evaluate_step(report, result)
+                stale = 0 if improved else stale + 1
+            result.steps, result.final_train_loss = step, train_loss
+            result.history.append(report)
+            self.on_step(report)
+            if self.should_stop():
+                raise TrainingCancelled(f"training stopped on request at step {step}")
+            if stale >= self.config.patience:
+                result.stopped_early = True
+            if step >= self.total_steps or result.stopped_early:
+                break
+        if self._best is None:  # no validation data: the last weights are the result
+            self._best = self._snapshot()
+            result.best_step = result.steps
+        return result
+
+    def _optimizer_step(self, group: list[list[int]]) -> float:
+        total = 0.0
+        for indices in group:
+            loss = self._loss([self.train_items[i] for i in indices]) / len(group)  # type: ignore[misc]
+            loss.backward()
+            total += float(loss.item())
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _evaluate_step(self, report: StepReport, result: TrainResult) -> tuple[StepReport, bool]:
+        if not self.validation_items:
+            return report, True
+        loss = self.evaluate()
+        improved = result.best_validation_loss is None or loss < result.best_validation_loss
+        if improved:
+            result.best_validation_loss, result.best_step = loss, report.step
+            self._best = self._snapshot()
+        return StepReport(
+            **{**report.__dict__, "validation_loss": loss, "is_best": improved}
+        ), improved
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        state = get_peft_model_state_dict(self.model)
+        return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+    # -- evaluate / save ------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss (answer cross-entropy, or the DPO loss), in eval mode."""
+        self.model.eval()
+        size = self.config.batch_size
+        items = self.validation_items
+        losses = [
+            float(self._loss(items[i : i + size]).item()) * len(items[i : i + size])
+            for i in range(0, len(items), size)
+        ]
+        self.model.train()
+        return sum(losses) / max(1, len(items))
+
+    def save(self, out_dir: Path) -> Path:
+        """Write the best adapter as stock PEFT files (config + safetensors) into ``out_dir``."""
+        if self._best is None:
+            raise RuntimeError("nothing to save: call train() first")
+        set_peft_model_state_dict(self.model, self._best)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "README.md").unlink(missing_ok=True)
+        return out_dir
