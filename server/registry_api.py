@@ -9,7 +9,6 @@ No ``from __future__ import annotations`` here: FastAPI must evaluate the
 dependency annotations of the route closures at definition time.
 """
 
-
 import contextlib
 import shutil
 import tempfile
