@@ -1,0 +1,176 @@
+"""Evaluation on the held-out test split: loss, exact match, JSON-schema compliance.
+
+The new adapter, the bare base model and (when there is one) the adapter's current
+production version are scored on the same examples with the same greedy decoding, so
+the stored numbers compare like with like. All three share one loaded base: the base is
+the PEFT model with its adapters disabled, the others are named adapters on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from training.data import Example
+from training.losses import collate, mean_answer_loss
+from training.recipe import load_base
+from training.render import Turn, final_turn, tokenize_text, tokenize_turn
+
+CANDIDATE = "candidate"
+BASE = "base"
+PRODUCTION = "production"
+MAX_NEW_TOKENS = 256
+"""Upper bound on generated tokens per test prompt (answers longer than this can't match)."""
+GENERATION_BATCH = 16
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Scores of one model on the test split."""
+
+    loss: float
+    """Mean cross-entropy of the reference answers' tokens."""
+    exact_match: float
+    """Share of prompts whose greedy answer equals the reference (whitespace-trimmed)."""
+    format_compliance: float | None
+    """Share of greedy answers that are JSON valid under the job's schema (None: no schema)."""
+    samples: int
+
+    def as_metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if k != "samples" and v is not None}
+
+
+def is_compliant(text: str, schema: dict[str, Any]) -> bool:
+    """True when ``text`` parses as JSON and validates against ``schema``."""
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """Raise ``jsonschema.SchemaError`` if ``schema`` is not a valid JSON schema."""
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+
+
+class Evaluator:
+    """Scores models that share one base on a fixed set of test examples."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        examples: Sequence[Example],
+        max_length: int = 1024,
+        schema: dict[str, Any] | None = None,
+    ) -> None:
+        self.tokenizer, base, self.device = load_base(Path(base_dir))
+        self.base = base
+        self.model: PeftModel | None = None
+        self.turns = [final_turn(self.tokenizer, e) for e in examples]
+        self.max_length = max_length
+        self.schema = schema
+
+    def add_adapter(self, name: str, adapter_dir: Path) -> None:
+        """Load an adapter (candidate or production) onto the shared base."""
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
+        else:
+            self.model.load_adapter(adapter_dir, adapter_name=name)
+        self.model.eval()
+
+    @contextlib.contextmanager
+    def _using(self, name: str) -> Iterator[torch.nn.Module]:
+        if self.model is None:
+            yield self.base
+        elif name == BASE:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.model.set_adapter(name)
+            yield self.model
+
+    @torch.no_grad()
+    def score(self, name: str) -> EvalMetrics:
+        """Metrics of ``name`` (``base`` or a loaded adapter's name)."""
+        with self._using(name) as model:
+            loss = self._loss(model)
+            answers = self._generate(model)
+        exact = [a.strip() == t.answer for a, t in zip(answers, self.turns, strict=True)]
+        compliance = None
+        if self.schema is not None:
+            compliant = [is_compliant(a, self.schema) for a in answers]
+            compliance = sum(compliant) / max(1, len(compliant))
+        return EvalMetrics(loss, sum(exact) / max(1, len(exact)), compliance, len(self.turns))
+
+    def _loss(self, model: torch.nn.Module) -> float:
+        items = [tokenize_turn(self.tokenizer, t, self.max_length) for t in self.turns]
+        items = [item for item in items if item.supervised_tokens]
+        total, count = 0.0, 0
+        for start in range(0, len(items), GENERATION_BATCH):
+            chunk = items[start : start + GENERATION_BATCH]
+            batch = collate(chunk, self._pad_id, self.device)
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(mean_answer_loss(model, batch)) * tokens
+            count += tokens
+        return total / max(1, count)
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0)
+
+    def _generate(self, model: torch.nn.Module) -> list[str]:
+        answers: list[str] = []
+        for start in range(0, len(self.turns), GENERATION_BATCH):
+            answers.extend(
+                self._generate_batch(model, self.turns[start : start + GENERATION_BATCH])
+            )
+        return answers
+
+    def _generate_batch(self, model: torch.nn.Module, turns: Sequence[Turn]) -> list[str]:
+        prompts = [tokenize_text(self.tokenizer, t.prompt_text, first=True) for t in turns]
+        width = max(len(p) for p in prompts)
+        # Left padding: every prompt ends where generation starts.
+        ids = torch.tensor([[self._pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        budget = max(len(tokenize_text(self.tokenizer, t.answer_text, False)) for t in turns)
+        output = model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=min(MAX_NEW_TOKENS, budget + 8),
+            do_sample=False,
+            pad_token_id=self._pad_id,
+        )
+        return decode_answers(self.tokenizer, output[:, width:])
+
+
+def decode_answers(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) -> list[str]:
+    """Generated ids to text, special tokens (end of turn, padding) dropped."""
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in generated.tolist()]
+
+
+def compare_on_test(
+    base_dir: Path,
+    examples: Sequence[Example],
+    candidate_dir: Path,
+    production_dir: Path | None = None,
+    schema: dict[str, Any] | None = None,
+    max_length: int = 1024,
+) -> dict[str, EvalMetrics]:
+    """Metrics of the candidate, the base and (if given) the production version."""
+    evaluator = Evaluator(base_dir, examples, max_length, schema)
+    evaluator.add_adapter(CANDIDATE, candidate_dir)
+    names = [CANDIDATE, BASE]
+    if production_dir is not None:
+        evaluator.add_adapter(PRODUCTION, production_dir)
+        names.append(PRODUCTION)
+    return {name: evaluator.score(name) for name in names}
