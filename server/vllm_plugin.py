@@ -30,6 +30,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.config import SettingsError
+
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
@@ -73,13 +75,8 @@ _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class ResolverConfigError(ValueError):
-    """The resolver's environment is invalid; the message names each bad variable."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"the loraplex LoRA resolver cannot start; fix its environment:\n{lines}")
+class ResolverConfigError(SettingsError):
+    """The resolver's environment is invalid; ``problems`` names each bad variable."""
 
 
 class WrongBase(Exception):
