@@ -45,16 +45,21 @@ def test_concurrent_promotes_and_rollbacks_stay_consistent(
         setup.push_adapter(tenant.id, "bot", adapters[key], BASE_NAME, ADMIN)
     clients = [make_registry() for _ in range(CLIENTS)]
     errors: list[BaseException] = []
-    threads = [threading.Thread(target=_client, args=(c, tenant.id, i, errors))
-               for i, c in enumerate(clients)]  # fmt: skip
+    threads = [
+        threading.Thread(target=_client, args=(c, tenant.id, i, errors))
+        for i, c in enumerate(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert errors == []
 
-    events = [e for e in setup.audit_log(limit=10_000)
-              if e.action in ("adapter.promote", "adapter.rollback")]  # fmt: skip
+    events = [
+        e
+        for e in setup.audit_log(limit=10_000)
+        if e.action in ("adapter.promote", "adapter.rollback")
+    ]
     assert len(events) >= CLIENTS * STEPS * 0.5
     # Each change starts from exactly the state the previous change left.
     previous: object = {}
@@ -67,3 +72,33 @@ def test_concurrent_promotes_and_rollbacks_stay_consistent(
     with Session(setup.engine) as s:
         moves = s.exec(select(func.count()).select_from(AliasHistory)).one()
     assert moves == len(events)
+
+
+def test_concurrent_first_pushes_create_one_adapter_and_one_version_per_content(
+    make_registry: Callable[..., Registry], tiny_base: Path, adapters: dict[str, Path]
+) -> None:
+    setup = make_registry()
+    setup.register_base(tiny_base, BASE_NAME, "r1", ADMIN)
+    tenant = setup.create_tenant("acme", ADMIN)
+    assert tenant.id is not None
+    clients = [make_registry() for _ in range(8)]
+    errors: list[BaseException] = []
+
+    def push(registry: Registry, key: str) -> None:
+        try:
+            registry.push_adapter(tenant.id or 0, "bot", adapters[key], BASE_NAME, ADMIN)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=push, args=(c, ("v1", "v2")[i % 2])) for i, c in enumerate(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    versions = setup.list_versions(tenant.id, "bot")
+    assert [v.number for v in versions] == [1, 2]
+    assert len({v.fingerprint for v in versions}) == 2
+    assert len(setup.audit_log(action="adapter.push")) == 2
