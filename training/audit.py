@@ -10,13 +10,13 @@ of zero.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from training.data import DatasetError, Example, Method, Split
+from training.data import DatasetError, Example, Method
 from training.render import preference_turns, tokenize_example, tokenize_turn
 
 
@@ -84,7 +84,7 @@ def _duplicates(examples: Sequence[Example]) -> tuple[list[int], list[int]]:
 
 def audit(
     examples: Sequence[Example],
-    splits: dict[Split, list[Example]],
+    splits: Mapping[str, list[Example]],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
 ) -> AuditReport:

@@ -261,9 +261,9 @@ def split_of(example: Example, fractions: SplitFractions) -> Split:
 
 def split_examples(
     examples: Iterable[Example], fractions: SplitFractions
-) -> dict[Split, list[Example]]:
-    """Examples grouped by split, file order kept within each split."""
-    splits: dict[Split, list[Example]] = {"train": [], "validation": [], "test": []}
+) -> dict[str, list[Example]]:
+    """Examples grouped by split (train, validation, test), file order kept within each."""
+    splits: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
     for example in examples:
         splits[split_of(example, fractions)].append(example)
     return splits

@@ -143,7 +143,7 @@ class Evaluator:
         ids = torch.tensor([[self._pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         budget = max(len(tokenize_text(self.tokenizer, t.answer_text, False)) for t in turns)
-        output = model.generate(
+        output = model.generate(  # type: ignore[operator]
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             max_new_tokens=min(MAX_NEW_TOKENS, budget + 8),
@@ -155,7 +155,7 @@ class Evaluator:
 
 def decode_answers(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) -> list[str]:
     """Generated ids to text, special tokens (end of turn, padding) dropped."""
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in generated.tolist()]
+    return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in generated.tolist()]
 
 
 def compare_on_test(

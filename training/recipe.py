@@ -76,7 +76,8 @@ def load_base(base_dir: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module,
     """The base model (eval mode, on the picked device) and its tokenizer."""
     device, dtype = pick_device()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model.to(device)
     model.eval()
     return tokenizer, model, device
 
@@ -120,13 +121,13 @@ class LoRARecipe:
         torch.manual_seed(self.config.seed)
         lora = LoraConfig(
             r=self.config.r,
-            lora_alpha=self.config.alpha,
+            lora_alpha=self.config.alpha,  # type: ignore[arg-type]  # PEFT takes floats too
             lora_dropout=self.config.dropout,
             target_modules=list(self.config.target_modules),
             bias="none",
             task_type="CAUSAL_LM",
         )
-        self.model: PeftModel = get_peft_model(base, lora)  # type: ignore[assignment]
+        self.model: PeftModel = get_peft_model(base, lora)
         self.pad_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
         self.train_items = self._prepare(train)
         if not self.train_items:
@@ -156,13 +157,13 @@ class LoRARecipe:
                 ]
             )
 
-    def _prepare(self, examples: Sequence[Example]) -> list[Tokenized] | list[_Pair]:
+    def _prepare(self, examples: Sequence[Example]) -> list[Tokenized | _Pair]:
         if self.config.method == "dpo":
             return self._prepare_pairs(examples)
         items = [tokenize_example(self.tokenizer, e, self.config.max_length) for e in examples]
         return [item for item in items if item.supervised_tokens > 0]
 
-    def _prepare_pairs(self, examples: Sequence[Example]) -> list[_Pair]:
+    def _prepare_pairs(self, examples: Sequence[Example]) -> list[Tokenized | _Pair]:
         pairs = []
         for example in examples:
             chosen, rejected = (
@@ -187,10 +188,12 @@ class LoRARecipe:
 
     # -- losses ---------------------------------------------------------------
 
-    def _loss(self, items: Sequence[Tokenized] | Sequence[_Pair]) -> torch.Tensor:
-        if self.config.method == "dpo":
-            return self._dpo_loss(items)  # type: ignore[arg-type]
-        return mean_answer_loss(self.model, collate(items, self.pad_id, self.device))  # type: ignore[arg-type]
+    def _loss(self, items: Sequence[Tokenized | _Pair]) -> torch.Tensor:
+        pairs = [item for item in items if isinstance(item, _Pair)]
+        if pairs:
+            return self._dpo_loss(pairs)
+        rows = [item for item in items if isinstance(item, Tokenized)]
+        return mean_answer_loss(self.model, collate(rows, self.pad_id, self.device))
 
     def _dpo_loss(self, pairs: Sequence[_Pair]) -> torch.Tensor:
         rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -219,7 +222,8 @@ class LoRARecipe:
         self.model.train()
         for step, group in enumerate(self._micro_batches(generator), start=1):
             train_loss = self._optimizer_step(group)
-            report = StepReport(step, self.total_steps, train_loss, self.scheduler.get_last_lr()[0])
+            rate = float(self.scheduler.get_last_lr()[0])
+            report = StepReport(step, self.total_steps, train_loss, rate)
             if step % self.config.eval_every == 0 or step == self.total_steps:
                 report, improved = self._evaluate_step(report, result)
                 stale = 0 if improved else stale + 1
@@ -240,7 +244,7 @@ class LoRARecipe:
     def _optimizer_step(self, group: list[list[int]]) -> float:
         total = 0.0
         for indices in group:
-            loss = self._loss([self.train_items[i] for i in indices]) / len(group)  # type: ignore[misc]
+            loss = self._loss([self.train_items[i] for i in indices]) / len(group)
             loss.backward()
             total += float(loss.item())
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -288,6 +292,6 @@ class LoRARecipe:
         set_peft_model_state_dict(self.model, self._best)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out_dir, safe_serialization=True)
+        self.model.save_pretrained(str(out_dir), safe_serialization=True)
         (out_dir / "README.md").unlink(missing_ok=True)
         return out_dir
