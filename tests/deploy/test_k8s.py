@@ -8,17 +8,14 @@ its CRD schema that these manifests use.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-import shlex
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
 from deploy_paths import K8S
+from engine_contract import known_variables, missing_flags, required_engine_env
 from manifests import (
     Obj,
     component,
@@ -35,8 +32,6 @@ from manifests import (
 )
 
 from server import vllm_plugin
-from server.config import Settings, env_name
-from server.engine import engine_command, engine_environment, resolver_environment
 
 KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
@@ -235,7 +230,7 @@ def test_gateway_engine_urls_name_the_engine_service(fleet: list[Obj]) -> None:
 
 def test_every_loraplex_variable_is_a_real_setting(fleet: list[Obj]) -> None:
     """A misspelt LORAPLEX_* variable would be silently ignored."""
-    known = {env_name(f.name) for f in dataclasses.fields(Settings)} | resolver_variables()
+    known = known_variables()
     config = named(fleet, "ConfigMap", "loraplex-config")["data"]
     used = set(config) | {
         e["name"]
@@ -244,14 +239,6 @@ def test_every_loraplex_variable_is_a_real_setting(fleet: list[Obj]) -> None:
         for e in c.get("env", [])
     }
     assert {v for v in used if v.startswith("LORAPLEX_")} <= known
-
-
-def resolver_variables() -> set[str]:
-    return {
-        value
-        for name, value in vars(vllm_plugin).items()
-        if name.endswith("_ENV") and isinstance(value, str)
-    }
 
 
 def engine_script(fleet: list[Obj]) -> str:
@@ -263,15 +250,9 @@ def engine_script(fleet: list[Obj]) -> str:
     return script
 
 
-def flags(argv: list[str]) -> set[str]:
-    return {a for a in argv if a.startswith("--")}
-
-
 def test_engine_command_matches_the_supervisors(fleet: list[Obj]) -> None:
     """The manifest starts vLLM with every flag `loraplex serve` gives its own engines."""
-    argv = shlex.split(engine_script(fleet))
-    assert "vllm.entrypoints.openai.api_server" in argv
-    assert flags(engine_command(Settings(), 8000)) <= flags(argv)
+    assert not missing_flags(engine_script(fleet))
 
 
 def test_engine_environment_has_what_the_resolver_needs(fleet: list[Obj]) -> None:
@@ -279,11 +260,7 @@ def test_engine_environment_has_what_the_resolver_needs(fleet: list[Obj]) -> Non
     engine = next(c for c in pod_spec(workload)["containers"] if c["name"] == "engine")
     have = env_names(engine, fleet)
     have |= set(re.findall(r"\b([A-Z_]+)=", engine_script(fleet)))  # set by the script
-    settings = Settings()
-    needed = set(resolver_environment(settings, "0" * 64, Path("cache")))
-    needed |= set(engine_environment(settings, {})) - set(os.environ)
-    # Logging defaults the image already gets right; everything else must be set.
-    assert needed - {"PYTHONUNBUFFERED", "VLLM_LOGGING_LEVEL"} <= have
+    assert required_engine_env() <= have
 
 
 def test_pods_run_as_the_numeric_non_root_user(fleet: list[Obj]) -> None:
