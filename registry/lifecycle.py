@@ -14,6 +14,7 @@ from registry import audit
 from registry.errors import Conflict, InvalidRequest
 from registry.models import (
     ACTIVE,
+    ARCHIVED,
     CANARY,
     PRODUCTION,
     RETIRED,
@@ -23,6 +24,8 @@ from registry.models import (
     AliasHistory,
     utcnow,
 )
+
+STATE_ACTIONS = {ARCHIVED: "adapter.archive", RETIRED: "adapter.retire"}
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def set_state(
     audit.record(
         session,
         change.actor,
-        f"adapter.{state.removesuffix('d')}",
+        STATE_ACTIONS[state],
         change.subject,
         tenant_id=change.tenant_id,
         before=before,

@@ -55,7 +55,7 @@ from registry.models import (
     Usage,
     utcnow,
 )
-from registry.validation import validate_adapter
+from registry.validation import ValidatedAdapter, validate_adapter
 from registry.values import (
     Actor,
     AliasTarget,
@@ -373,7 +373,7 @@ class Registry:
 
     def _stage_and_validate(
         self, tmp: Path, source: UploadSource, base: str
-    ) -> tuple[BaseModelRecord, Any]:
+    ) -> tuple[BaseModelRecord, ValidatedAdapter]:
         problems: list[str] = []
         pinned = self.find_base(base)
         if pinned is None:
@@ -420,20 +420,18 @@ class Registry:
         description: str | None,
         actor: Actor,
     ) -> AdapterVersion:
-        for attempt in range(3):
+        retries = 2
+        while True:
             try:
                 return self._insert_version_once(
                     tenant_id, name, version, provenance, description, actor
                 )
             except IntegrityError:
-                # A concurrent push created the adapter or the same version first.
-                with self._read() as s:
-                    same = self._version_by_fingerprint(s, tenant_id, name, version["fingerprint"])
-                if same is not None or attempt == 2:
-                    if same is None:
-                        raise
-                    return same
-        raise AssertionError("unreachable")
+                # A concurrent push created the adapter or this very version first; the
+                # next attempt finds it (and returns the version if it is this one).
+                if retries == 0:
+                    raise
+                retries -= 1
 
     def _insert_version_once(
         self,

@@ -223,7 +223,7 @@ def validate_adapter(
     problems += nonfinite_problems(weights, tensors)
     if problems:
         raise AdapterRejected(problems)
-    modules = sorted({_TENSOR_NAME.match(name)["module"] for name in tensors})  # type: ignore[index]
+    modules = sorted(_group_tensors(tensors)[0])
     return ValidatedAdapter(
         config=normalize_lora_config(config),
         weights=weights,
