@@ -3,68 +3,42 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hmac
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from registry import audit, lifecycle
 from registry.archive import UploadSource, stage_upload
+from registry.bases import BasesMixin
 from registry.blobs import BlobStore, Progress
-from registry.bundle import build_bundle, unpack_bundle
-from registry.db import WRITE_OPTION, make_engine, migrate
-from registry.errors import (
-    AdapterRejected,
-    Conflict,
-    GateFailed,
-    InvalidLimits,
-    InvalidRequest,
-    NotFound,
-    PermissionDenied,
-)
-from registry.fingerprint import engine_name, fingerprint_base
+from registry.bundle import build_bundle
+from registry.db import make_engine, migrate
+from registry.errors import AdapterRejected, Conflict, GateFailed, NotFound, PermissionDenied
+from registry.fingerprint import engine_name
 from registry.gates import Gate, gate_failures
-from registry.keys import display_prefix, key_sha256, new_key
 from registry.limits import UploadLimits
 from registry.models import (
-    ACTIVE,
-    ADMIN_SCOPE,
     ARCHIVED,
     PRODUCTION,
     RETIRED,
-    TENANT_SCOPE,
     Adapter,
     AdapterVersion,
-    ApiKey,
     AuditEvent,
     BaseModelRecord,
     EvalResult,
     PromotionGate,
     Tenant,
-    Usage,
-    utcnow,
 )
+from registry.serving import ServingMixin
+from registry.tenancy import TenancyMixin
 from registry.validation import ValidatedAdapter, validate_adapter
-from registry.values import (
-    Actor,
-    AliasTarget,
-    Principal,
-    Provenance,
-    RoutingView,
-    TenantLimits,
-    VersionBlob,
-)
+from registry.values import Actor, AliasTarget, Provenance
 
 
 def _unknown_adapter(name: str) -> NotFound:
@@ -72,7 +46,7 @@ def _unknown_adapter(name: str) -> NotFound:
     return NotFound(f"adapter {name!r} does not exist; list your adapters to see the names")
 
 
-class Registry:
+class Registry(TenancyMixin, BasesMixin, ServingMixin):
     """Adapters, versions, bases, tenants, keys, lifecycle and audit, on SQL + a blob store."""
 
     def __init__(
@@ -95,240 +69,6 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    # -- sessions ---------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            yield session
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
-        """One transaction: commits on success, rolls back on any error."""
-        engine = self.engine.execution_options(**{WRITE_OPTION: True})
-        with Session(engine, expire_on_commit=False) as session, session.begin():
-            yield session
-
-    # -- tenants ----------------------------------------------------------
-
-    def create_tenant(self, name: str, actor: Actor, limits: TenantLimits | None = None) -> Tenant:
-        _check_limits(limits or TenantLimits())
-        tenant = Tenant(name=name, **asdict(limits or TenantLimits()))
-        try:
-            with self._write() as s:
-                s.add(tenant)
-                s.flush()
-                audit.record(
-                    s,
-                    actor.name,
-                    "tenant.create",
-                    f"tenant:{name}",
-                    tenant_id=tenant.id,
-                    after=tenant.model_dump(mode="json"),
-                )
-        except IntegrityError:
-            raise Conflict(f"tenant {name!r} already exists; pick another name") from None
-        return tenant
-
-    def get_tenant(self, tenant: int | str) -> Tenant:
-        with self._read() as s:
-            return self._tenant(s, tenant)
-
-    def list_tenants(self) -> list[Tenant]:
-        with self._read() as s:
-            return list(s.exec(select(Tenant).order_by(col(Tenant.id))).all())
-
-    def set_tenant_limits(self, tenant: int | str, limits: TenantLimits, actor: Actor) -> Tenant:
-        _check_limits(limits)
-        with self._write() as s:
-            row = self._tenant(s, tenant, lock=True)
-            before = _limits_of(row)
-            for key, value in asdict(limits).items():
-                setattr(row, key, value)
-            s.add(row)
-            audit.record(
-                s,
-                actor.name,
-                "tenant.limits",
-                f"tenant:{row.name}",
-                tenant_id=row.id,
-                before=before,
-                after=asdict(limits),
-            )
-        return row
-
-    def tenant_limits(self, tenant: int | str) -> TenantLimits:
-        return TenantLimits(**_limits_of(self.get_tenant(tenant)))
-
-    def _tenant(self, s: Session, tenant: int | str, lock: bool = False) -> Tenant:
-        column = Tenant.id if isinstance(tenant, int) else Tenant.name
-        query = select(Tenant).where(column == tenant)
-        row = s.exec(query.with_for_update() if lock else query).first()
-        if row is None:
-            raise NotFound(f"tenant {tenant!r} does not exist; create it first")
-        return row
-
-    # -- API keys ---------------------------------------------------------
-
-    def create_api_key(
-        self, tenant_id: int | None, scope: str, actor: Actor, name: str = ""
-    ) -> tuple[ApiKey, str]:
-        """A new key; returns the record and the plaintext, which is shown only now."""
-        if scope not in (TENANT_SCOPE, ADMIN_SCOPE):
-            raise InvalidRequest(f"scope {scope!r} is unknown; use 'tenant' or 'admin'")
-        if (scope == TENANT_SCOPE) != (tenant_id is not None):
-            raise InvalidRequest("tenant keys need a tenant; admin keys must have none")
-        plaintext = new_key()
-        record = ApiKey(
-            key_sha256=key_sha256(plaintext),
-            prefix=display_prefix(plaintext),
-            scope=scope,
-            tenant_id=tenant_id,
-            name=name,
-        )
-        with self._write() as s:
-            if tenant_id is not None:
-                self._tenant(s, tenant_id)
-            s.add(record)
-            s.flush()
-            audit.record(
-                s,
-                actor.name,
-                "key.create",
-                f"key:{record.id}",
-                tenant_id=tenant_id,
-                after={"scope": scope, "prefix": record.prefix, "name": name},
-            )
-        return record, plaintext
-
-    def revoke_api_key(self, key_id: int, actor: Actor) -> ApiKey:
-        with self._write() as s:
-            record = s.get(ApiKey, key_id, with_for_update=True)
-            if record is None:
-                raise NotFound(f"API key {key_id} does not exist; list keys to see their ids")
-            if record.revoked_at is None:
-                record.revoked_at = utcnow()
-                s.add(record)
-                audit.record(
-                    s, actor.name, "key.revoke", f"key:{key_id}", tenant_id=record.tenant_id
-                )
-        return record
-
-    def list_api_keys(self, tenant_id: int | None = None) -> list[ApiKey]:
-        with self._read() as s:
-            query = select(ApiKey).order_by(col(ApiKey.id))
-            if tenant_id is not None:
-                query = query.where(ApiKey.tenant_id == tenant_id)
-            return list(s.exec(query).all())
-
-    def authenticate(self, plaintext: str) -> Principal | None:
-        """The principal of a valid, unrevoked key; None for anything else."""
-        digest = key_sha256(plaintext)
-        with self._read() as s:
-            record = s.exec(select(ApiKey).where(ApiKey.key_sha256 == digest)).first()
-        if record is None or not hmac.compare_digest(record.key_sha256, digest):
-            return None
-        if record.revoked_at is not None:
-            return None
-        assert record.id is not None
-        return Principal(record.tenant_id, record.scope, record.id)
-
-    # -- base models ------------------------------------------------------
-
-    def register_base(
-        self, path: Path | str, name: str, revision: str, actor: Actor
-    ) -> BaseModelRecord:
-        """Fingerprint a Hugging Face model directory and record it; idempotent."""
-        info = fingerprint_base(Path(path))
-        with self._write() as s:
-            existing = s.exec(
-                select(BaseModelRecord).where(BaseModelRecord.fingerprint == info.fingerprint)
-            ).first()
-            if existing is not None:
-                if (existing.name, existing.revision) != (name, revision):
-                    raise Conflict(
-                        f"these weights are already registered as base "
-                        f"{existing.name!r} revision {existing.revision!r}"
-                    )
-                return existing
-            base = BaseModelRecord(
-                name=name,
-                revision=revision,
-                fingerprint=info.fingerprint,
-                architecture=info.architecture,
-                module_table=info.module_table,
-            )
-            s.add(base)
-            try:
-                s.flush()
-            except IntegrityError:
-                raise Conflict(
-                    f"base {name!r} revision {revision!r} is already registered "
-                    "with other weights; use a new revision"
-                ) from None
-            audit.record(
-                s,
-                actor.name,
-                "base.register",
-                f"base:{name}@{revision}",
-                after={"fingerprint": info.fingerprint, "architecture": info.architecture},
-            )
-        return base
-
-    def list_bases(self) -> list[BaseModelRecord]:
-        with self._read() as s:
-            return list(s.exec(select(BaseModelRecord).order_by(col(BaseModelRecord.id))).all())
-
-    def get_base(self, ref: str) -> BaseModelRecord:
-        with self._read() as s:
-            return self._base(s, ref)
-
-    def find_base(self, ref: str) -> BaseModelRecord | None:
-        """The base matching ``ref``: a fingerprint, ``name@revision``, a revision or a name."""
-        try:
-            return self.get_base(ref)
-        except NotFound:
-            return None
-
-    def _base(self, s: Session, ref: str) -> BaseModelRecord:
-        bases = s.exec(select(BaseModelRecord).order_by(col(BaseModelRecord.id))).all()
-        matches = [b for b in bases if ref == b.fingerprint] or [
-            b for b in bases if ref in (f"{b.name}@{b.revision}", b.name, b.revision)
-        ]
-        if not matches:
-            raise NotFound(
-                f"base {ref!r} names no registered base model (by name, revision or "
-                "fingerprint); list bases or register it first"
-            )
-        if len(matches) > 1:
-            names = ", ".join(f"{b.name}@{b.revision}" for b in matches)
-            raise Conflict(
-                f"base {ref!r} is ambiguous ({names}); pin it as name@revision or by fingerprint"
-            )
-        return matches[0]
-
-    def deprecate_base(self, ref: str, reason: str, actor: Actor) -> int:
-        """Mark a base deprecated and flag every version pinned to it; returns that count."""
-        with self._write() as s:
-            base = self._base(s, ref)
-            base = s.get(BaseModelRecord, base.id, with_for_update=True) or base
-            versions = s.exec(
-                select(AdapterVersion).where(AdapterVersion.base_id == base.id).with_for_update()
-            ).all()
-            for version in versions:
-                version.base_deprecated = True
-                s.add(version)
-            base.deprecated_at, base.deprecation_reason = utcnow(), reason
-            s.add(base)
-            audit.record(
-                s,
-                actor.name,
-                "base.deprecate",
-                f"base:{base.name}@{base.revision}",
-                after={"reason": reason, "flagged_versions": len(versions)},
-            )
-        return len(versions)
 
     # -- adapters and versions ---------------------------------------------
 
@@ -680,112 +420,6 @@ class Registry:
             lifecycle.set_state(s, adapter, version, state, change)
         return version
 
-    # -- serving -----------------------------------------------------------
-
-    def routing_view(self, tenant_id: int, name: str) -> RoutingView | None:
-        """Servable versions and aliases of a tenant's adapter; None if it has no such adapter."""
-        with self._read() as s:
-            query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-            adapter = s.exec(query).first()
-            if adapter is None or adapter.id is None:
-                return None
-            versions = s.exec(
-                select(AdapterVersion)
-                .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.state == ACTIVE)
-                .order_by(col(AdapterVersion.number))
-            ).all()
-            by_id = {v.id: v for v in versions}
-            aliases = {
-                alias.name: AliasTarget(
-                    by_id[alias.version_id].number,
-                    by_id[alias.version_id].engine_name,
-                    alias.weight,
-                )
-                for alias in lifecycle.aliases(s, adapter.id).values()
-                if alias.version_id in by_id
-            }
-        return RoutingView(adapter.id, tenant_id, adapter.name, list(versions), aliases)
-
-    def version_by_engine_name(self, name: str) -> VersionBlob | None:
-        """The active version an engine-side name (``lx-...``) refers to, with its blob and base."""
-        with self._read() as s:
-            row = s.exec(
-                select(AdapterVersion, BaseModelRecord)
-                .join(BaseModelRecord, col(BaseModelRecord.id) == AdapterVersion.base_id)
-                .where(AdapterVersion.engine_name == name, AdapterVersion.state == ACTIVE)
-                .order_by(col(AdapterVersion.id))
-            ).first()
-        if row is None:
-            return None
-        version, base = row
-        return VersionBlob(version, base, version.blob_key, version.blob_sha256, version.size_bytes)
-
-    def fetch_version(self, name: str, dest_dir: Path | str) -> Path:
-        """``dest_dir/<name>/`` holding the verified adapter files (fetched once, then reused)."""
-        found = self.version_by_engine_name(name)
-        if found is None:
-            raise NotFound(f"no active adapter version is named {name!r} on engines")
-        dest = Path(dest_dir) / name
-        if (dest / "adapter_model.safetensors").is_file():
-            return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".tar")
-        os.close(fd)
-        bundle = Path(tmp_name)
-        try:
-            self.blobs.fetch(found.blob_key, found.blob_sha256, bundle)
-            with contextlib.suppress(OSError):  # a concurrent fetch may have won the rename
-                unpack_bundle(bundle, dest, found.blob_key)
-        finally:
-            bundle.unlink(missing_ok=True)
-        if not (dest / "adapter_model.safetensors").is_file():
-            shutil.rmtree(dest, ignore_errors=True)
-            raise NotFound(f"could not unpack {name!r} into {dest}; check the directory")
-        return dest
-
-    # -- usage and audit ---------------------------------------------------
-
-    def record_usage(
-        self,
-        tenant_id: int,
-        adapter: str = "",
-        version: int = 0,
-        *,
-        requests: int = 1,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        day: dt.date | None = None,
-    ) -> None:
-        """Add to a tenant's daily counters (base-model traffic: adapter "" and version 0)."""
-        values = {
-            "tenant_id": tenant_id,
-            "adapter": adapter,
-            "version": version,
-            "day": day or utcnow().date(),
-            "requests": requests,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-        }
-        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        table = Usage.__table__  # type: ignore[attr-defined]
-        stmt = insert(table).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["tenant_id", "adapter", "version", "day"],
-            set_={
-                k: table.c[k] + stmt.excluded[k]
-                for k in ("requests", "prompt_tokens", "completion_tokens")
-            },
-        )
-        with self._write() as s:
-            s.execute(stmt)
-
-    def usage(self, tenant_id: int, since: dt.date | None = None) -> list[Usage]:
-        with self._read() as s:
-            query = select(Usage).where(Usage.tenant_id == tenant_id)
-            if since is not None:
-                query = query.where(Usage.day >= since)
-            return list(s.exec(query.order_by(col(Usage.day), col(Usage.adapter))).all())
-
     def audit_log(
         self,
         *,
@@ -805,18 +439,6 @@ class Registry:
                 query = query.where(col(AuditEvent.subject).startswith(subject_prefix))
             rows = s.exec(query.order_by(col(AuditEvent.id).desc()).limit(limit)).all()
         return list(reversed(rows))
-
-
-def _check_limits(limits: TenantLimits) -> None:
-    bad = [f.name for f in fields(limits) if (v := getattr(limits, f.name)) is not None and v < 1]
-    if bad:
-        raise InvalidLimits(
-            f"tenant limits {', '.join(bad)} must be at least 1, or unset for unlimited"
-        )
-
-
-def _limits_of(tenant: Tenant) -> dict[str, int | None]:
-    return {f.name: getattr(tenant, f.name) for f in fields(TenantLimits)}
 
 
 def _version_summary(version: AdapterVersion) -> dict[str, Any]:
