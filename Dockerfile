@@ -42,6 +42,6 @@ WORKDIR /var/lib/loraplex
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
+    CMD ["curl", "-fsS", "http://127.0.0.1:8000/healthz"]
 ENTRYPOINT ["loraplex"]
 CMD ["serve"]

@@ -171,10 +171,11 @@ def test_promote_and_rollback_under_load_fail_nothing(
     def load() -> None:
         while not stop.is_set():
             try:
+                sent_at = time.monotonic()  # the version is chosen when the request arrives
                 raw = client.completions.with_raw_response.create(
                     model=p.name, prompt=PROMPT, max_tokens=2
                 )
-                seen.append((time.monotonic(), raw.headers["x-loraplex-version"]))
+                seen.append((sent_at, raw.headers["x-loraplex-version"]))
             except BaseException as exc:
                 failures.append(exc)
 
