@@ -13,7 +13,7 @@ from conftest import ADMIN
 from registry_testdata import BASE_NAME
 from sqlmodel import Session, func, select
 
-from registry import Conflict, Registry
+from registry import BaseModelRecord, Conflict, Registry, Tenant
 from registry.models import AliasHistory
 
 CLIENTS = 16
@@ -35,11 +35,13 @@ def _client(registry: Registry, tenant_id: int, seed: int, errors: list[BaseExce
 
 
 def test_concurrent_promotes_and_rollbacks_stay_consistent(
-    make_registry: Callable[..., Registry], tiny_base: Path, adapters: dict[str, Path]
+    make_registry: Callable[..., Registry],
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
 ) -> None:
-    setup = make_registry()
-    setup.register_base(tiny_base, BASE_NAME, "r1", ADMIN)
-    tenant = setup.create_tenant("acme", ADMIN)
+    setup = registry
     assert tenant.id is not None
     for key in ("v1", "v2", "v3"):
         setup.push_adapter(tenant.id, "bot", adapters[key], BASE_NAME, ADMIN)
@@ -75,18 +77,20 @@ def test_concurrent_promotes_and_rollbacks_stay_consistent(
 
 
 def test_concurrent_first_pushes_create_one_adapter_and_one_version_per_content(
-    make_registry: Callable[..., Registry], tiny_base: Path, adapters: dict[str, Path]
+    make_registry: Callable[..., Registry],
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
 ) -> None:
-    setup = make_registry()
-    setup.register_base(tiny_base, BASE_NAME, "r1", ADMIN)
-    tenant = setup.create_tenant("acme", ADMIN)
+    setup = registry
     assert tenant.id is not None
     clients = [make_registry() for _ in range(8)]
     errors: list[BaseException] = []
 
-    def push(registry: Registry, key: str) -> None:
+    def push(client: Registry, key: str) -> None:
         try:
-            registry.push_adapter(tenant.id or 0, "bot", adapters[key], BASE_NAME, ADMIN)
+            client.push_adapter(tenant.id or 0, "bot", adapters[key], BASE_NAME, ADMIN)
         except BaseException as exc:
             errors.append(exc)
 
