@@ -26,7 +26,9 @@ from starlette.responses import JSONResponse, Response
 
 import router
 from registry import Registry
-from server import inference, proxy, registry_api
+from server import inference, proxy
+from server.jobs_api import router as jobs_router
+from server.registry_api import router as registry_router
 from server.config import Settings
 from server.engine import Engine, EngineSupervisor, probe
 from server.errors import APIError
@@ -145,7 +147,8 @@ def create_app(
     _add_openai_routes(app, gateway)
     _add_ops_routes(app, gateway)
     app.state.registry = registry
-    app.include_router(registry_api.router)
+    app.include_router(registry_router)
+    app.include_router(jobs_router)
     return app
 
 

@@ -14,8 +14,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+from server import registry_cli, worker_cli
 from server.config import (
     Settings,
     SettingsError,
@@ -113,16 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(config)
     config.set_defaults(func=cmd_config)
 
-    _add_registry_commands(sub)
-    return parser
-
-
-def _add_registry_commands(sub: Any) -> None:
-    try:
-        from server import registry_cli
-    except ImportError:  # registry CLI not built yet
-        return
     registry_cli.add_commands(sub)
+    worker_cli.add_commands(sub)
+    return parser
 
 
 def _setup_logging(settings: Settings) -> None:
