@@ -120,6 +120,27 @@ class DemoBaseConfig:
     num_threads: int = 2
     """Torch CPU threads while building; fixed because it changes float summation order."""
 
+    @classmethod
+    def tiny(cls) -> DemoBaseConfig:
+        """One small layer, three steps, one thread: builds in about a second. For tests that
+        need a real Hugging Face model directory, not a model that writes well."""
+        return cls(
+            hidden_size=64,
+            num_layers=1,
+            num_heads=1,
+            intermediate_size=128,
+            vocab_size=400,
+            max_position_embeddings=256,
+            corpus_documents=200,
+            train_steps=3,
+            batch_size=2,
+            seq_len=32,
+            warmup_steps=1,
+            # Tiny matrices gain nothing from a second thread, and on a busy machine
+            # spinning OpenMP threads slow down by an order of magnitude.
+            num_threads=1,
+        )
+
     def validate(self) -> None:
         """Raise ``DemoBaseConfigError`` listing every invalid field at once."""
         problems = [

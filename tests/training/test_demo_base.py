@@ -1,8 +1,8 @@
 """The demo base build: HF-loadable output, chat template, cache, determinism, validation.
 
-Every build here uses ``TINY`` (one small layer, a few steps): these tests check the
-build's mechanics, not what the model learns; ``test_training_learns_the_corpus`` checks
-that with a slightly longer run.
+Every build here uses ``DemoBaseConfig.tiny()`` (one small layer, three steps): these
+tests check the build's mechanics, not what the model learns, except
+``test_training_learns_the_corpus``, which trains a little longer.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,22 +30,7 @@ from training.demo_base import (
 )
 from training.demo_tokenizer import BOS_TOKEN, END_OF_TURN_TOKEN, EOS_TOKEN, PAD_TOKEN
 
-TINY = DemoBaseConfig(
-    hidden_size=64,
-    num_layers=1,
-    num_heads=1,
-    intermediate_size=128,
-    vocab_size=400,
-    max_position_embeddings=256,
-    corpus_documents=200,
-    train_steps=3,
-    batch_size=2,
-    seq_len=32,
-    warmup_steps=1,
-    # One thread: tiny matrices gain nothing from two, and a busy shared machine slows
-    # spinning OpenMP threads down by an order of magnitude.
-    num_threads=1,
-)
+TINY = DemoBaseConfig.tiny()
 
 QUESTION = [{"role": "user", "content": "What color is the sky?"}]
 
@@ -167,7 +153,7 @@ def test_second_call_returns_cached_build_without_rebuilding(
 
 def test_changed_config_rebuilds_in_place(tmp_path: Path) -> None:
     out_dir = build_demo_base(tmp_path / "base", TINY, progress=False)
-    changed = DemoBaseConfig(**{**TINY.__dict__, "train_steps": 4})
+    changed = replace(TINY, train_steps=4)
 
     build_demo_base(out_dir, changed, progress=False)
 
@@ -187,7 +173,7 @@ def test_two_builds_with_one_config_are_identical(built: Path, tmp_path: Path) -
 
 
 def test_different_seed_gives_different_weights(built: Path, tmp_path: Path) -> None:
-    seeded = DemoBaseConfig(**{**TINY.__dict__, "seed": 1})
+    seeded = replace(TINY, seed=1)
     other = build_demo_base(tmp_path / "other", seeded, progress=False)
 
     first, second = _weights(built), _weights(other)
@@ -304,16 +290,14 @@ def test_build_validates_before_touching_the_disk(tmp_path: Path) -> None:
 def test_training_learns_the_corpus(tmp_path: Path) -> None:
     """A short real run: loss falls far below chance, and after "The cat sat on the" most
     of the next-token probability goes to the corpus's seats (chance: about 2%)."""
-    config = DemoBaseConfig(
-        **{
-            **TINY.__dict__,
-            "corpus_documents": 500,
-            "train_steps": 100,
-            "batch_size": 8,
-            "seq_len": 64,
-            "learning_rate": 1e-2,
-            "warmup_steps": 5,
-        }
+    config = replace(
+        TINY,
+        corpus_documents=500,
+        train_steps=100,
+        batch_size=8,
+        seq_len=64,
+        learning_rate=1e-2,
+        warmup_steps=5,
     )
     model_dir = build_demo_base(tmp_path / "base", config, progress=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
