@@ -58,8 +58,17 @@ def scratch_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _make_readable(tree: Path) -> None:
+    """Give ``tree`` ordinary modes: mkdtemp (and some writers) create owner-only entries,
+    which an engine running as another user (a container, say) could not read."""
+    tree.chmod(0o755)
+    for path in tree.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def install(scratch: Path, target: Path) -> None:
     """Move the finished ``scratch`` to ``target``, replacing what was there."""
+    _make_readable(scratch)
     if not target.exists():
         os.rename(scratch, target)
         return

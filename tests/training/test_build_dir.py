@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,19 @@ def test_install_moves_scratch_into_place(tmp_path: Path) -> None:
 
     assert (target / "weights").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_install_makes_the_tree_readable_by_other_users(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    with scratch_dir(target) as scratch:
+        (scratch / "sub").mkdir(mode=0o700)
+        (scratch / "sub" / "weights").write_text("w")
+        (scratch / "sub" / "weights").chmod(0o600)
+        install(scratch, target)
+
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert stat.S_IMODE((target / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((target / "sub" / "weights").stat().st_mode) == 0o644
 
 
 def test_install_replaces_an_existing_target_and_leaves_no_leftovers(tmp_path: Path) -> None:
