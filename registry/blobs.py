@@ -64,6 +64,12 @@ def _commit(f: BinaryIO, tmp: Path, dest: Path) -> None:
     f.flush()
     os.fsync(f.fileno())
     os.replace(tmp, dest)
+    # The rename itself is durable only once the directory entry is on disk.
+    fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _verified_copy(chunks: Iterator[bytes], key: str, sha256: str, dest: Path) -> None:
@@ -141,7 +147,10 @@ class S3BlobStore:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or boto3.client("s3", endpoint_url=endpoint_url or None)
+        # A session of its own: boto3's default session keeps the first credentials it
+        # resolved for the life of the process, whatever the environment says later.
+        session = boto3.session.Session()
+        self.client = client or session.client("s3", endpoint_url=endpoint_url or None)
         # upload_file sends one PUT, or a multipart upload completed only after every part.
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold)
 

@@ -4,10 +4,10 @@ unavailable fails the tests; nothing is skipped."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from registry_testdata import (
@@ -17,6 +17,7 @@ from registry_testdata import (
     build_tiny_base,
     create_database,
     drop_database,
+    s3_client,
     seaweedfs,
 )
 from sqlmodel import SQLModel
@@ -62,12 +63,14 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    # The S3 store reads credentials the usual boto3 way: from the environment.
-    os.environ.update(
-        AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1"
-    )
     with seaweedfs(tmp_path_factory.mktemp("seaweedfs"), BUCKET, S3_KEY, S3_SECRET) as endpoint:
         yield endpoint
+
+
+def s3_store(endpoint: str, prefix: str, **options: Any) -> S3BlobStore:
+    """A store on the test server, with its credentials given explicitly (not from env)."""
+    client = s3_client(endpoint, S3_KEY, S3_SECRET)
+    return S3BlobStore(BUCKET, prefix, endpoint_url=endpoint, client=client, **options)
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +98,7 @@ def blob_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     if backend == "sqlite-local":
         return LocalBlobStore(tmp_path / "blobs")
     endpoint = request.getfixturevalue("s3_endpoint")
-    return S3BlobStore(BUCKET, f"test-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint)
+    return s3_store(endpoint, f"test-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture

@@ -147,8 +147,6 @@ def seaweedfs(
 
     The server takes its admin credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
     """
-    import boto3
-
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
     workdir.mkdir(parents=True, exist_ok=True)
     log = (workdir / "weed.log").open("wb")
@@ -174,13 +172,7 @@ def seaweedfs(
     )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name="us-east-1",
-        )
+        client = s3_client(endpoint, access_key, secret_key)
         _wait_for_bucket(client, bucket, proc, workdir, timeout)
         yield endpoint
     finally:
@@ -205,6 +197,16 @@ def _wait_for_bucket(client: Any, bucket: str, proc: Any, workdir: Path, timeout
             time.sleep(0.3)
     log = (workdir / "weed.log").read_text(errors="replace")[-2000:]
     raise RuntimeError(f"SeaweedFS did not start: {last!r}\n{log}")
+
+
+def s3_client(endpoint: str, access_key: str, secret_key: str) -> Any:
+    """A boto3 S3 client with explicit credentials (independent of the environment)."""
+    import boto3
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key, region_name="us-east-1",
+    )  # fmt: skip
 
 
 def blob_keys(store: Any) -> list[str]:

@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
+from conftest import BUCKET, S3_KEY, S3_SECRET, s3_store
 from registry_testdata import blob_keys
 
 from registry import (
@@ -67,8 +69,7 @@ def test_missing_blob_is_not_found(blob_store: BlobStore, tmp_path: Path) -> Non
 
 
 def test_s3_multipart_upload(s3_endpoint: str, tmp_path: Path) -> None:
-    store = S3BlobStore("loraplex-test", "multipart", endpoint_url=s3_endpoint,
-                        multipart_threshold=5 << 20)  # fmt: skip
+    store = s3_store(s3_endpoint, "multipart", multipart_threshold=5 << 20)
     src, sha = _file(tmp_path, bytes(range(256)) * (48 << 10))  # 12 MiB
     store.put("big.tar", src)
     head = store.client.head_object(Bucket="loraplex-test", Key="multipart/big.tar")
@@ -94,3 +95,21 @@ def test_fetch_version_refuses_a_corrupt_blob(
     with pytest.raises(CorruptBlob):
         registry.fetch_version(bot_v1.engine_name, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_s3_store_reads_credentials_from_the_environment_when_created(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    stale = S3BlobStore(BUCKET, "env", endpoint_url=s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = S3BlobStore(BUCKET, "env", endpoint_url=s3_endpoint)
+    src, sha = _file(tmp_path, b"from env")
+    store.put("e.tar", src)
+    store.fetch("e.tar", sha, tmp_path / "e.tar")
+    assert (tmp_path / "e.tar").read_bytes() == b"from env"
+    with pytest.raises(ClientError):
+        stale.exists("e.tar")

@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import ADMIN, BUCKET
+from conftest import ADMIN, s3_store
 from registry_testdata import BASE_NAME, create_database, drop_database
 
-from registry import LocalBlobStore, Registry, S3BlobStore
+from registry import LocalBlobStore, Registry
 from registry.fingerprint import adapter_fingerprint, fingerprint_base, normalize_lora_config
 from registry.safetensors_io import read_header
 
@@ -20,7 +20,7 @@ def test_same_peft_adapter_same_fingerprint_on_sqlite_local_and_postgres_s3(
     pg_url = create_database()
     stores = [
         (f"sqlite:///{tmp_path / 'r.db'}", LocalBlobStore(tmp_path / "blobs")),
-        (pg_url, S3BlobStore(BUCKET, "fingerprint-test", endpoint_url=s3_endpoint)),
+        (pg_url, s3_store(s3_endpoint, "fingerprint-test")),
     ]
     try:
         versions = []
