@@ -17,8 +17,7 @@ ENV PYTHONUNBUFFERED=1 \
     LORAPLEX_EDITABLE=0 \
     LORAPLEX_HOME=/var/lib/loraplex \
     LORAPLEX_HOST=0.0.0.0 \
-    PATH=/opt/loraplex/bin:$PATH \
-    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+    PATH=/opt/loraplex/bin:$PATH
 
 # gcc: a few engine dependencies build small extensions at install time.
 RUN apt-get update \
@@ -32,12 +31,13 @@ COPY server server
 COPY registry registry
 COPY router router
 COPY training training
-RUN bash deploy/install.sh /opt/loraplex
+RUN if [ "$ENGINE" = cpu ]; then export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu; fi \
+    && bash deploy/install.sh /opt/loraplex
 
 RUN useradd --create-home --uid 10001 loraplex \
     && mkdir -p /var/lib/loraplex \
     && chown loraplex /var/lib/loraplex
-USER loraplex
+USER 10001:10001
 WORKDIR /var/lib/loraplex
 
 EXPOSE 8000

@@ -82,6 +82,16 @@ def cmd_demo_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Create or upgrade the registry schema (run once per upgrade, before the gateways)."""
+    from server.bootstrap import open_registry
+
+    registry = open_registry(settings_from(args))
+    registry.close()
+    print("loraplex: registry schema is up to date")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Print every setting: its variable, current value and meaning."""
     settings = settings_from(args)
@@ -108,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(demo, ["home"])
     demo.add_argument("--out", help="output directory (default: HOME/demo-base)")
     demo.set_defaults(func=cmd_demo_base)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the registry's schema")
+    add_settings_flags(migrate, ["home", "database_url", "blob_url", "s3_endpoint_url"])
+    migrate.set_defaults(func=cmd_migrate)
 
     config = sub.add_parser("config", help="print the settings and where they come from")
     add_settings_flags(config)
