@@ -27,13 +27,14 @@ from starlette.responses import JSONResponse, Response
 import router
 from registry import Registry
 from server import inference, proxy
-from server.jobs_api import router as jobs_router
-from server.registry_api import router as registry_router
 from server.config import Settings
 from server.engine import Engine, EngineSupervisor, probe
 from server.errors import APIError
+from server.jobs_api import router as jobs_router
 from server.metrics import Metrics
+from server.registry_api import router as registry_router
 from server.tenancy import REGISTRY_TTL, Caller, Tenancy, TTLCache, UsageBook
+from server.warmup import GatewayHooks
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -147,6 +148,7 @@ def create_app(
     _add_openai_routes(app, gateway)
     _add_ops_routes(app, gateway)
     app.state.registry = registry
+    app.state.lifecycle_hooks = GatewayHooks(gateway)
     app.include_router(registry_router)
     app.include_router(jobs_router)
     return app

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
@@ -228,18 +228,37 @@ class DeprecateBody(BaseModel):
 # -- scopes: who acts on whose adapters ------------------------------------------------
 
 
+class LifecycleHooks(Protocol):
+    """What the serving side does around alias changes (``app.state.lifecycle_hooks``)."""
+
+    def before_traffic(self, tenant_id: int, adapter: str, number: int) -> None:
+        """Called before an alias moves traffic to a version: pre-warm it on the engines."""
+
+    def after_retire(self, engine_name: str) -> None:
+        """Called after a version is retired or archived: unload it from the engines."""
+
+
 class Scope:
     """The tenant whose adapters a request acts on, and the actor for the audit log."""
 
-    def __init__(self, registry: Registry, tenant_id: int, actor: Actor) -> None:
+    def __init__(self, request: Request, registry: Registry, tenant_id: int, actor: Actor) -> None:
         self.registry, self.tenant_id, self.actor = registry, tenant_id, actor
+        self.hooks: LifecycleHooks | None = getattr(request.app.state, "lifecycle_hooks", None)
+
+    def before_traffic(self, adapter: str, number: int) -> None:
+        if self.hooks is not None:
+            self.hooks.before_traffic(self.tenant_id, adapter, number)
+
+    def after_retire(self, version: AdapterVersion) -> None:
+        if self.hooks is not None:
+            self.hooks.after_retire(version.engine_name)
 
 
 def tenant_scope(
     request: Request, principal: Annotated[Principal, Depends(require_tenant)]
 ) -> Scope:
     assert principal.tenant_id is not None
-    return Scope(registry_of(request), principal.tenant_id, principal.actor)
+    return Scope(request, registry_of(request), principal.tenant_id, principal.actor)
 
 
 def tenant_ref(value: str) -> int | str:
@@ -251,7 +270,7 @@ def admin_scope(
 ) -> Scope:
     registry = registry_of(request)
     row = call(registry.get_tenant, tenant_ref(tenant))
-    return Scope(registry, row.id, principal.actor)
+    return Scope(request, registry, row.id, principal.actor)
 
 
 def max_upload_bytes(request: Request) -> int:
@@ -343,6 +362,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., Scope]) -> APIRouter:
 
     @routes.post("/{name}/promote", summary="Point production at a version (gates apply)")
     def promote(scope: ScopeDep, name: str, body: PromoteBody) -> dict[str, Any]:
+        scope.before_traffic(name, body.version)
         version = call(
             scope.registry.promote,
             scope.tenant_id,
@@ -355,6 +375,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., Scope]) -> APIRouter:
 
     @routes.post("/{name}/canary", summary="Send a share of traffic to a version")
     def canary(scope: ScopeDep, name: str, body: CanaryBody) -> dict[str, Any]:
+        scope.before_traffic(name, body.version)
         version = call(
             scope.registry.canary, scope.tenant_id, name, body.version, body.weight, scope.actor
         )
@@ -370,11 +391,14 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., Scope]) -> APIRouter:
 
     @routes.post("/{name}/versions/{number}/retire", summary="Retire a version (for good)")
     def retire(scope: ScopeDep, name: str, number: int) -> dict[str, Any]:
-        return version_json(call(scope.registry.retire, scope.tenant_id, name, number, scope.actor))
+        version = call(scope.registry.retire, scope.tenant_id, name, number, scope.actor)
+        scope.after_retire(version)
+        return version_json(version)
 
     @routes.post("/{name}/versions/{number}/archive", summary="Archive a version (not served)")
     def archive(scope: ScopeDep, name: str, number: int) -> dict[str, Any]:
         version = call(scope.registry.archive, scope.tenant_id, name, number, scope.actor)
+        scope.after_retire(version)
         return version_json(version)
 
     @routes.post("/{name}/versions/{number}/evals", status_code=201, summary="Add an eval result")

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
+import anyio.from_thread
 import httpx
 
+from registry import RegistryError
 from server.engine import Engine
+
+if TYPE_CHECKING:
+    from server.app import Gateway
 
 log = logging.getLogger("loraplex.warmup")
 
@@ -66,3 +72,42 @@ async def unload(
         engine.resident.pop(engine_name, None)
 
     await asyncio.gather(*(one(e) for e in engines if e.healthy))
+
+
+class GatewayHooks:
+    """The registry API's lifecycle hooks, run from its worker threads against the gateway loop."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def before_traffic(self, tenant_id: int, adapter: str, number: int) -> None:
+        registry = self.gateway.registry
+        try:
+            version = registry.get_version(tenant_id, adapter, number)
+        except RegistryError:
+            return  # the lifecycle call itself reports it
+        bases = {b.id: b.fingerprint for b in registry.list_bases()}
+        engines = [
+            e for e in self.gateway.engines if e.base_fingerprint == bases.get(version.base_id)
+        ]
+        client = self.gateway.client
+        if client is None or not engines:
+            return
+        failed = anyio.from_thread.run(
+            prewarm, client, engines, version.engine_name, self.gateway.settings.ensure_engine_key()
+        )
+        if failed:
+            log.warning(
+                "%s@%d not pre-warmed on %s; it loads on first use", adapter, number, failed
+            )
+
+    def after_retire(self, engine_name: str) -> None:
+        client = self.gateway.client
+        if client is not None:
+            anyio.from_thread.run(
+                unload,
+                client,
+                self.gateway.engines,
+                engine_name,
+                self.gateway.settings.ensure_engine_key(),
+            )

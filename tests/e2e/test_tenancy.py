@@ -258,3 +258,60 @@ def test_usage_is_persisted_per_tenant_and_adapter(
     assert rows and rows[0].completion_tokens > 0 and rows[0].requests >= 1
     tokens = metric_samples(gateway.url, "loraplex_tokens_total")
     assert any(labels["adapter"] == p.name and value > 0 for labels, value in tokens)
+
+
+def engine_loras(engine_port: int, engine_key: str) -> set[str]:
+    """Adapters the engine holds now, asked of the engine itself (only tests and gateways can)."""
+    listing = httpx.get(
+        f"http://127.0.0.1:{engine_port}/v1/models",
+        headers={"authorization": f"Bearer {engine_key}"},
+        timeout=10,
+    ).json()
+    return {m["id"] for m in listing["data"] if m.get("parent")}
+
+
+def test_rest_upload_promote_prewarms_and_retire_unloads(
+    gateway: ServeProcess,
+    pushed: dict[str, Pushed],
+    demo_base: Path,
+    engine_port: int,
+    engine_key: str,
+) -> None:
+    tenant = pushed["legal-bot"].tenant
+    auth = {"authorization": f"Bearer {tenant.key}"}
+    path = build_adapter(demo_base, pushed["legal-bot"].path.parent / "rest", seed=21, r=8)
+    files = [
+        ("files", (f.name, f.read_bytes(), "application/octet-stream"))
+        for f in sorted(path.iterdir())
+        if f.suffix in (".json", ".safetensors")
+    ]
+    uploaded = httpx.post(
+        gateway.url + "/v1/adapters",
+        files=files,
+        data={"name": "legal-bot", "base": demo_base.name},
+        headers=auth,
+        timeout=120,
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    version = uploaded.json()
+    engine_name = version["engine_name"]
+    assert engine_name not in engine_loras(engine_port, engine_key)
+
+    promoted = httpx.post(
+        gateway.url + "/v1/adapters/legal-bot/promote",
+        json={"version": version["version"]},
+        headers=auth,
+        timeout=120,
+    )
+    assert promoted.status_code == 200, promoted.text
+    assert engine_name in engine_loras(engine_port, engine_key)  # loaded before traffic moved
+
+    rolled = httpx.post(gateway.url + "/v1/adapters/legal-bot/rollback", headers=auth, timeout=60)
+    assert rolled.status_code == 200, rolled.text
+    retired = httpx.post(
+        gateway.url + f"/v1/adapters/legal-bot/versions/{version['version']}/retire",
+        headers=auth,
+        timeout=60,
+    )
+    assert retired.status_code == 200, retired.text
+    assert engine_name not in engine_loras(engine_port, engine_key)
