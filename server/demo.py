@@ -1,8 +1,14 @@
 """``make demo``: the whole product on one laptop, with the official ``openai`` client.
 
 Builds the demo base (once), starts ``loraplex serve`` as users run it, sends
-a few requests through the gateway and prints what came back, then stops the
-server and its engine.
+a few requests to the base, then plays two tenants: each uploads a stock PEFT
+adapter through the REST API, promotes it, and gets its own adapter's answers
+while the other's stays invisible to it. Finally it stops the server and its
+engine.
+
+The demo adapters carry seeded random LoRA weights, so "their behaviour" is
+simply different text from the base's; trained adapters come from the
+fine-tuning API (``loraplex worker``).
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import time
 from pathlib import Path
 
 import httpx
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
+
+from registry import TENANT_SCOPE, Actor, LocalBlobStore, NotFound, Registry
 
 HOME = Path(os.environ.get("LORAPLEX_HOME", ".loraplex"))
+OPERATOR = Actor("demo:operator", admin=True)
 
 
 def _free_port() -> int:
@@ -102,6 +111,96 @@ def show_requests(client: OpenAI, model: str) -> None:
     print()
 
 
+TENANTS = {"acme": ("support-bot", 1), "globex": ("legal-bot", 2)}
+
+
+def tenant_key(registry: Registry, name: str) -> str:
+    """A fresh key for tenant ``name``, creating the tenant on the first run."""
+    try:
+        tenant = registry.get_tenant(name)
+    except NotFound:
+        tenant = registry.create_tenant(name, OPERATOR)
+    assert tenant.id is not None
+    _, key = registry.create_api_key(tenant.id, TENANT_SCOPE, OPERATOR)
+    return key
+
+
+def random_adapter(base: Path, dest: Path, seed: int) -> Path:
+    """Stock PEFT output with seeded, non-zero LoRA weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(str(dest))
+    return dest
+
+
+def upload_and_promote(url: str, key: str, name: str, adapter: Path, base: str) -> int:
+    auth = {"authorization": f"Bearer {key}"}
+    files = [
+        ("files", (f.name, f.read_bytes()))
+        for f in sorted(adapter.iterdir())
+        if f.suffix in (".json", ".safetensors")
+    ]
+    pushed = httpx.post(
+        f"{url}/v1/adapters",
+        files=files,
+        data={"name": name, "base": base},
+        headers=auth,
+        timeout=300,
+    )
+    pushed.raise_for_status()
+    number = int(pushed.json()["version"])
+    httpx.post(
+        f"{url}/v1/adapters/{name}/promote", json={"version": number}, headers=auth, timeout=300
+    ).raise_for_status()
+    return number
+
+
+def show_tenants(url: str, base: Path) -> None:
+    registry = Registry(
+        f"sqlite:///{(HOME / 'registry.db').resolve()}", LocalBlobStore(HOME / "blobs")
+    )
+    prompt = "The cat sat on the"
+    clients = {}
+    for tenant, (adapter_name, seed) in TENANTS.items():
+        key = tenant_key(registry, tenant)
+        adapter = random_adapter(base, HOME / "demo-adapters" / adapter_name, seed)
+        number = upload_and_promote(url, key, adapter_name, adapter, base.name)
+        _say(f"tenant {tenant}: uploaded {adapter_name} (stock PEFT files), promoted v{number}")
+        clients[tenant] = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    for tenant, (adapter_name, _) in TENANTS.items():
+        client = clients[tenant]
+        ids = [m.id for m in client.models.list()]
+        _say(f"tenant {tenant} sees models {ids}")
+        for model in (base.name, adapter_name):
+            raw = client.completions.with_raw_response.create(
+                model=model, prompt=prompt, max_tokens=12, temperature=0
+            )
+            served = raw.headers.get("x-loraplex-adapter") or "base"
+            print(
+                f"    {model:12} -> {prompt}{raw.parse().choices[0].text!r}  (served by: {served})"
+            )
+    other = TENANTS["globex"][0]
+    try:
+        clients["acme"].completions.create(model=other, prompt=prompt, max_tokens=4)
+    except NotFoundError as exc:
+        _say(f"tenant acme asking for globex's {other!r}: 404 {exc.body}")
+    time.sleep(1.5)  # usage is flushed once a second
+    for tenant in TENANTS:
+        rows = registry.usage(registry.get_tenant(tenant).id or 0)
+        total = sum(r.prompt_tokens + r.completion_tokens for r in rows)
+        _say(
+            f"usage recorded for {tenant}: {total} tokens, {sum(r.requests for r in rows)} requests"
+        )
+    registry.close()
+
+
 def main() -> int:
     from training.demo_base import build_demo_base
 
@@ -114,8 +213,13 @@ def main() -> int:
     server = start_server(base, port, log_path)
     try:
         wait_ready(url, server, log_path)
-        client = OpenAI(base_url=url + "/v1", api_key="demo", max_retries=0)
+        registry = Registry(
+            f"sqlite:///{(HOME / 'registry.db').resolve()}", LocalBlobStore(HOME / "blobs")
+        )
+        client = OpenAI(base_url=url + "/v1", api_key=tenant_key(registry, "demo"), max_retries=0)
+        registry.close()
         show_requests(client, base.name)
+        show_tenants(url, base)
     finally:
         _say("stopping the server and its engine")
         server.send_signal(signal.SIGTERM)

@@ -188,6 +188,7 @@ async def open_upstream(
             upstream = await proxy.send(
                 gateway.client, engine, path, body, gateway.settings.ensure_engine_key()
             )
+            gateway.metrics.engine_requests.labels(engine.name).inc()
             return upstream, engine
         except proxy.UpstreamFailure as failure:
             gateway.metrics.upstream_errors.labels(engine.name, failure.reason).inc()

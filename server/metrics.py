@@ -55,6 +55,12 @@ class Metrics:
             ["engine", "reason"],
             registry=r,
         )
+        self.engine_requests = Counter(
+            "loraplex_engine_requests",
+            "Requests the gateway sent to each engine replica.",
+            ["engine"],
+            registry=r,
+        )
         self.engine_up = Gauge(
             "loraplex_engine_up", "1 when the engine passes health checks.", ["engine"], registry=r
         )
