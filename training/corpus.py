@@ -211,7 +211,12 @@ def _opposite_qa(rng: random.Random) -> tuple[str, str]:
 
 def _story_qa(rng: random.Random) -> tuple[str, str]:
     animal = rng.choice(ANIMALS)
-    return f"Tell me a short story about a {animal}.", _story(rng, animal)
+    # The lead-in marks the story as a reply, so the model learns to end it with the
+    # end-of-turn token rather than the end-of-text one plain stories end with.
+    return (
+        f"Tell me a short story about a {animal}.",
+        f"Here is a story about a {animal}. {_story(rng, animal)}",
+    )
 
 
 def _sentence_qa(rng: random.Random) -> tuple[str, str]:

@@ -43,7 +43,7 @@ from training.demo_tokenizer import END_OF_TURN_TOKEN, MIN_VOCAB_SIZE, train_tok
 MANIFEST_NAME = "loraplex_demo_base.json"
 """Written last into a finished build; its config hash makes the build a cache entry."""
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Part of the config hash: bump it when the corpus, tokenizer or training code changes
 what a given config builds, so that cached builds are rebuilt."""
 
