@@ -1,0 +1,139 @@
+"""Starting, watching and stopping the processes a benchmark measures.
+
+CPU time comes from ``/proc/<pid>/stat`` (utime + stime) summed over a process
+and all its descendants, so multi-process targets (uvicorn workers, engine
+workers) are charged in full.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class StartTimeout(RuntimeError):
+    """A benchmarked process did not become ready; its log (named here) says why."""
+
+
+@dataclass
+class Proc:
+    """A started process, its log file and the URL that says it is up."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group it leads, then SIGKILL what is left after ``grace``."""
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGTERM)
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait(5)
+        except ProcessLookupError:
+            pass
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start(
+    name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Proc:
+    """Start ``argv`` in its own process group (so stopping it stops its children too)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("wb")
+    popen = subprocess.Popen(
+        argv,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        start_new_session=True,
+    )
+    handle.close()
+    return Proc(name, popen, log)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(proc: Proc, url: str, timeout: float) -> float:
+    """Poll ``url`` until it answers 2xx; the seconds it took. Raises StartTimeout."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.popen.poll() is not None:
+            raise StartTimeout(f"{proc.name} exited ({proc.popen.returncode}); see {proc.log}:\n"
+                               f"{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if 200 <= answer.status < 300:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise StartTimeout(f"{proc.name} not ready at {url} after {timeout:.0f}s; see {proc.log}:\n"
+                       f"{proc.tail()}")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after it start past ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from the ppid field of /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its live descendants."""
+    total = 0
+    for member in descendants(pid):
+        fields = _stat_fields(member)
+        if fields is not None:
+            # After the name: state(0) ppid(1) ... utime(11) stime(12).
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
