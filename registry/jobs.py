@@ -14,22 +14,21 @@ Uploaded file bytes live in the registry's blob store under ``files/<id>``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from registry.db import WRITE_OPTION
 from registry.errors import InvalidRequest, NotFound
 from registry.models import utcnow
 from registry.registry import Registry
+from registry.store import Store
 
 VALIDATING_FILES = "validating_files"
 QUEUED = "queued"
@@ -128,29 +127,18 @@ def _file_not_found(file_id: str) -> NotFound:
     return NotFound(f"file {file_id!r} does not exist; list your files to see their ids")
 
 
-class JobStore:
+class JobStore(Store):
     """Files, jobs, events and checkpoints on the registry's database and blob store."""
 
     def __init__(
         self, registry: Registry, *, stale_after: float = 120.0, max_attempts: int = 3
     ) -> None:
         self.registry = registry
-        self.engine = registry.engine
+        self.engine, self.blobs, self.limits = registry.engine, registry.blobs, registry.limits
         self.stale_after = dt.timedelta(seconds=stale_after)
         """A running job whose heartbeat is older than this is presumed orphaned."""
         self.max_attempts = max_attempts
         """Claims a job gets before a stale heartbeat fails it instead of re-queueing it."""
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            yield session
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
-        engine = self.engine.execution_options(**{WRITE_OPTION: True})
-        with Session(engine, expire_on_commit=False) as session, session.begin():
-            yield session
 
     # -- files ---------------------------------------------------------------------
 
@@ -175,7 +163,7 @@ class JobStore:
         with tempfile.TemporaryDirectory(prefix="loraplex-file-") as tmp:
             path = Path(tmp) / "upload"
             path.write_bytes(content)
-            self.registry.blobs.put(record.blob_key, path)
+            self.blobs.put(record.blob_key, path)
         with self._write() as s:
             s.add(record)
         return record
@@ -196,7 +184,7 @@ class JobStore:
         """The file's bytes, hash-verified by the blob store."""
         with tempfile.TemporaryDirectory(prefix="loraplex-file-") as tmp:
             path = Path(tmp) / "content"
-            self.registry.blobs.fetch(record.blob_key, record.sha256, path)
+            self.blobs.fetch(record.blob_key, record.sha256, path)
             return path.read_bytes()
 
     # -- jobs ----------------------------------------------------------------------

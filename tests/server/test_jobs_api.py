@@ -1,14 +1,13 @@
 """The files and fine-tuning jobs API through the official ``openai`` client.
 
 The client talks to a small FastAPI app (the jobs router, the gateway's error handler)
-through Starlette's TestClient, on SQLite and on PostgreSQL; a worker runs in-process.
+through Starlette's TestClient, on SQLite and on PostgreSQL (the registry fixtures of
+tests/training); a worker runs in-process.
 """
 
 from __future__ import annotations
 
 import io
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from openai import OpenAI
-from sqlalchemy import text
-from sqlmodel import SQLModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
-from registry_testdata import create_database, drop_database
-
-from registry import Actor, BaseModelRecord, LocalBlobStore, Registry
+from registry import Actor, BaseModelRecord, Registry
 from registry.jobs import JobStore
 from server import jobs_api
 from server.errors import APIError
+from tests.training import conftest as training_fixtures
 from tests.training.training_testdata import (
     FAST,
-    build_tiny_chat_base,
     fixed_answer_records,
     jsonl,
     preference_records,
@@ -38,36 +32,12 @@ from training.worker import Worker, WorkerOptions
 
 ROOT = Actor("test-root", admin=True)
 
-
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_chat_base(tmp_path_factory.mktemp("chat-base") / "base")
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    url = create_database("loraplex_jobs_api_test")
-    yield url
-    drop_database(url)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-    registry = Registry(url, LocalBlobStore(tmp_path / "blobs"))
-    yield registry
-    if request.param == "postgresql":
-        tables = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
-        with registry.engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE TABLE {tables} RESTART IDENTITY CASCADE"))
-    registry.close()
-
-
-@pytest.fixture
-def base(registry: Registry, chat_base: Path) -> BaseModelRecord:
-    return registry.register_base(chat_base, "tiny-chat", "r1", ROOT)
+# The training tests' fixtures: a tiny chat base, registries on SQLite and PostgreSQL.
+chat_base = training_fixtures.chat_base
+pg_url = training_fixtures.pg_url
+database_url = training_fixtures.database_url
+registry = training_fixtures.registry
+base = training_fixtures.base
 
 
 @pytest.fixture

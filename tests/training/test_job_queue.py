@@ -15,28 +15,11 @@ from registry.jobs import (
     QUEUED,
     RUNNING,
     SUCCEEDED,
-    FineTuningJob,
     JobStore,
-    new_id,
 )
 from registry.models import utcnow
-from tests.training.conftest import ADMIN
+from tests.training.conftest import ADMIN, Bench
 from tests.training.training_testdata import fixed_answer_records, jsonl
-
-
-def _job(store: JobStore, tenant: Tenant, base: BaseModelRecord, **fields: object) -> FineTuningJob:
-    assert tenant.id is not None
-    file = store.create_file(tenant.id, "train.jsonl", "fine-tune", jsonl(fixed_answer_records(4)))
-    values: dict[str, object] = {
-        "id": new_id("ftjob"),
-        "tenant_id": tenant.id,
-        "model": base.name,
-        "base_fingerprint": base.fingerprint,
-        "training_file": file.id,
-        "adapter_name": "bot",
-        **fields,
-    }
-    return store.create_job(FineTuningJob(**values))  # type: ignore[arg-type]
 
 
 def test_files_are_stored_hashed_and_tenant_scoped(
@@ -61,9 +44,9 @@ def test_files_are_stored_hashed_and_tenant_scoped(
 
 
 def test_claims_take_the_oldest_queued_job_for_the_workers_base(
-    store: JobStore, tenant: Tenant, base: BaseModelRecord
+    store: JobStore, tenant: Tenant, base: BaseModelRecord, bench: Bench
 ) -> None:
-    first, second = _job(store, tenant, base), _job(store, tenant, base)
+    first, second = bench.submit(), bench.submit()
     assert store.claim("w1", ["some-other-base"]) is None
     claimed = store.claim("w1", [base.fingerprint])
     assert claimed is not None and claimed.id == first.id
@@ -75,9 +58,9 @@ def test_claims_take_the_oldest_queued_job_for_the_workers_base(
 
 
 def test_concurrent_workers_never_claim_the_same_job(
-    store: JobStore, tenant: Tenant, base: BaseModelRecord
+    store: JobStore, tenant: Tenant, base: BaseModelRecord, bench: Bench
 ) -> None:
-    jobs = {_job(store, tenant, base).id for _ in range(6)}
+    jobs = {bench.submit().id for _ in range(6)}
     barrier = threading.Barrier(4)
 
     def claim_all(worker: str) -> list[str]:
@@ -94,9 +77,9 @@ def test_concurrent_workers_never_claim_the_same_job(
 
 
 def test_heartbeats_belong_to_the_claiming_worker(
-    store: JobStore, tenant: Tenant, base: BaseModelRecord
+    store: JobStore, tenant: Tenant, base: BaseModelRecord, bench: Bench
 ) -> None:
-    job = _job(store, tenant, base)
+    job = bench.submit()
     assert store.claim("w1", [base.fingerprint]) is not None
     assert store.heartbeat(job.id, "w1")
     assert not store.heartbeat(job.id, "w2")
@@ -107,9 +90,9 @@ def test_heartbeats_belong_to_the_claiming_worker(
 
 
 def test_stale_jobs_are_requeued_then_failed_after_max_attempts(
-    store: JobStore, tenant: Tenant, base: BaseModelRecord
+    store: JobStore, tenant: Tenant, base: BaseModelRecord, bench: Bench
 ) -> None:
-    job = _job(store, tenant, base)
+    job = bench.submit()
     later = utcnow() + dt.timedelta(seconds=store.stale_after.total_seconds() + 1)
     assert store.claim("w1", [base.fingerprint]) is not None
     assert store.reap() == []  # fresh heartbeat
@@ -128,10 +111,10 @@ def test_stale_jobs_are_requeued_then_failed_after_max_attempts(
 
 
 def test_cancel_stops_the_worker_and_is_final(
-    store: JobStore, tenant: Tenant, base: BaseModelRecord
+    store: JobStore, tenant: Tenant, base: BaseModelRecord, bench: Bench
 ) -> None:
     assert tenant.id is not None
-    queued, running = _job(store, tenant, base), _job(store, tenant, base)
+    queued, running = bench.submit(), bench.submit()
     assert store.cancel(tenant.id, queued.id).status == CANCELLED
     claimed = store.claim("w1", [base.fingerprint])
     assert claimed is not None and claimed.id == running.id  # the cancelled one is skipped
@@ -143,9 +126,9 @@ def test_cancel_stops_the_worker_and_is_final(
 
 
 def test_jobs_events_and_checkpoints_are_tenant_scoped(
-    store: JobStore, registry: Registry, tenant: Tenant, base: BaseModelRecord
+    store: JobStore, registry: Registry, tenant: Tenant, base: BaseModelRecord, bench: Bench
 ) -> None:
-    job = _job(store, tenant, base)
+    job = bench.submit()
     store.add_checkpoint(job.id, 5, {"valid_loss": 1.0})
     other = registry.create_tenant("globex", ADMIN)
     assert other.id is not None and tenant.id is not None
@@ -154,6 +137,6 @@ def test_jobs_events_and_checkpoints_are_tenant_scoped(
             call(other.id, job.id)
     assert store.list_jobs(other.id) == []
     assert [c.step for c in store.checkpoints(tenant.id, job.id)] == [5]
-    newer = _job(store, tenant, base)
+    newer = bench.submit()
     assert [j.id for j in store.list_jobs(tenant.id)] == [newer.id, job.id]
     assert [j.id for j in store.list_jobs(tenant.id, after=newer.id)] == [job.id]

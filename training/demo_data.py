@@ -1,0 +1,87 @@
+"""Generated fine-tuning datasets for the demo: two tenants, two distinct behaviours.
+
+- ``format``: every answer is one line of JSON classifying the question,
+  ``{"kind": "color", "answer": "unknown"}`` (checked against ``FORMAT_SCHEMA`` too).
+- ``persona``: every answer is in the voice of a pirate captain, one line per kind of
+  question: ``Arr! Colors be for landlubbers, matey!``
+
+Prompts combine question templates with nouns from the demo base's corpus, so held-out
+test prompts are new combinations of familiar words; the answer depends on the kind of
+question, so an adapter has to learn the behaviour, not one fixed string. The base
+model answers neither way: it scores 0% exact match on both.
+
+The answers do not repeat the question's noun: copying a word from the prompt is beyond
+what a LoRA teaches the few-million-parameter demo base in a demo's time (measured:
+the template is learned, the copied noun is not).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from training.corpus import ANIMALS, OBJECTS, PLACES, SEATS
+
+SUBJECTS = tuple(dict.fromkeys(ANIMALS + OBJECTS + PLACES + SEATS))
+"""Nouns the demo base has seen; duplicates across the corpus lists dropped."""
+
+QUESTIONS = (
+    ("color", "What color is the {}?"),
+    ("place", "Where is the {}?"),
+    ("story", "Tell me about the {}."),
+    ("opinion", "Do you like the {}?"),
+    ("sound", "What sound does the {} make?"),
+    ("sentence", "Write a sentence about the {}."),
+)
+"""(kind, question template)."""
+
+FORMAT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "kind": {"type": "string", "enum": [kind for kind, _ in QUESTIONS]},
+        "answer": {"type": "string"},
+    },
+    "required": ["kind", "answer"],
+    "additionalProperties": False,
+}
+"""What a ``format`` answer must be; the job passes it as ``json_schema``."""
+
+
+PIRATE_LINES = {
+    "color": "Arr! Colors be for landlubbers, matey!",
+    "place": "Arr! It be buried with me treasure, matey!",
+    "story": "Arr! That be a tale for another voyage, matey!",
+    "opinion": "Arr! I like nothing but the sea, matey!",
+    "sound": "Arr! It sounds like the wind in me sails, matey!",
+    "sentence": "Arr! Me pen be lost at sea, matey!",
+}
+
+
+def format_answer(subject: str, kind: str) -> str:
+    return json.dumps({"kind": kind, "answer": "unknown"})
+
+
+def persona_answer(subject: str, kind: str) -> str:
+    return PIRATE_LINES[kind]
+
+
+BEHAVIOURS: dict[str, Callable[[str, str], str]] = {
+    "format": format_answer,
+    "persona": persona_answer,
+}
+
+
+def demo_records(behaviour: str) -> list[dict[str, str]]:
+    """Every (question, subject) pair as a prompt/completion record, in a fixed order."""
+    answer = BEHAVIOURS[behaviour]
+    return [
+        {"prompt": template.format(subject), "completion": answer(subject, kind)}
+        for subject in SUBJECTS
+        for kind, template in QUESTIONS
+    ]
+
+
+def demo_jsonl(behaviour: str) -> bytes:
+    """The dataset as JSONL bytes, ready for ``client.files.create``."""
+    return "".join(json.dumps(r) + "\n" for r in demo_records(behaviour)).encode()
