@@ -21,6 +21,7 @@ import multiprocessing
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -272,6 +273,8 @@ class Recorder:
             self.result.ttfb.append(reply.first_byte - started)
 
     def timed_out(self, count: int) -> None:
+        if not count:
+            return
         self.result.errors += count
         self.result.total += count
         self.statuses["timeout"] += count
@@ -316,14 +319,13 @@ async def run_closed(spec: RunSpec) -> RunResult:
     recorder = Recorder(RunResult(_spec_dict(spec)), record_from, spec.workload.stream)
     budget = [spec.max_requests]
     clients = [
-        _closed_client(host, port, payload, recorder, deadline, budget)
-        for _ in range(spec.clients)
+        _closed_client(host, port, payload, recorder, deadline, budget) for _ in range(spec.clients)
     ]
     await _bounded(recorder, [asyncio.ensure_future(c) for c in clients], deadline + spec.drain)
     return recorder.close(min(time.perf_counter(), deadline) - record_from)
 
 
-async def _bounded(recorder: Recorder, tasks: list[asyncio.Future[None]], until: float) -> None:
+async def _bounded(recorder: Recorder, tasks: Sequence[asyncio.Future[None]], until: float) -> None:
     """Wait for ``tasks`` until the monotonic-clock time ``until``; cancel and count the rest."""
     if not tasks:
         return

@@ -1,8 +1,8 @@
 """Starting, watching and stopping the processes a benchmark measures.
 
-CPU time comes from ``/proc/<pid>/stat`` (utime + stime) summed over a process
-and all its descendants, so multi-process targets (uvicorn workers, engine
-workers) are charged in full.
+CPU time comes from ``/proc/<pid>/stat`` summed over a process and all its
+descendants (and their reaped children), so multi-process targets (uvicorn
+workers, engine workers) are charged in full.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class Proc:
 
 
 def start(
-    name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    name: str,
+    argv: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Proc:
     """Start ``argv`` in its own process group (so stopping it stops its children too)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +89,9 @@ def wait_http(proc: Proc, url: str, timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if proc.popen.poll() is not None:
-            raise StartTimeout(f"{proc.name} exited ({proc.popen.returncode}); see {proc.log}:\n"
-                               f"{proc.tail()}")
+            raise StartTimeout(
+                f"{proc.name} exited ({proc.popen.returncode}); see {proc.log}:\n{proc.tail()}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if 200 <= answer.status < 300:
@@ -94,8 +99,9 @@ def wait_http(proc: Proc, url: str, timeout: float) -> float:
         except OSError:
             pass
         time.sleep(0.25)
-    raise StartTimeout(f"{proc.name} not ready at {url} after {timeout:.0f}s; see {proc.log}:\n"
-                       f"{proc.tail()}")
+    raise StartTimeout(
+        f"{proc.name} not ready at {url} after {timeout:.0f}s; see {proc.log}:\n{proc.tail()}"
+    )
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -125,13 +131,17 @@ def descendants(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by ``pid`` and its live descendants."""
+    """CPU seconds used so far by ``pid`` and its descendants, live or already reaped.
+
+    utime + stime of every live member, plus cutime + cstime: the time of
+    children that exited and were waited for (short-lived workers count too).
+    """
     total = 0
     for member in descendants(pid):
         fields = _stat_fields(member)
         if fields is not None:
-            # After the name: state(0) ppid(1) ... utime(11) stime(12).
-            total += int(fields[11]) + int(fields[12])
+            # After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))
     return total / CLOCK_TICKS
 
 

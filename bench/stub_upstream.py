@@ -47,8 +47,7 @@ def _json(payload: Any) -> bytes:
 
 def _response(status: str, body: bytes, content_type: str = "application/json") -> bytes:
     head = (
-        f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 

@@ -1,0 +1,230 @@
+"""The Markdown summary and plots from ``bench/results/*.json``.
+
+Each figure names its command, peer and workload, and the machine it ran on;
+each issue-9 target is checked and a miss is said plainly. Placement figures are
+taken from ``placement.json`` as written by ``bench/placement.py`` (not recomputed).
+
+Run: ``.venv/bin/python -m bench.report``; writes ``bench/results/SUMMARY.md``
+and ``bench/results/*.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.results import RESULTS, read_results
+from bench.stats import ratio
+
+
+@dataclass(frozen=True)
+class Check:
+    """One issue-9 target and whether the measured figure meets it."""
+
+    name: str
+    measured: float | None
+    limit: float
+    at_most: bool
+    """True: the figure must be <= limit; False: >= limit."""
+    unit: str
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured <= self.limit if self.at_most else self.measured >= self.limit
+
+    def line(self) -> str:
+        sign = "≤" if self.at_most else "≥"
+        verdict = {True: "met", False: "**NOT MET**", None: "not measured"}[self.met]
+        shown = "n/a" if self.measured is None else f"{self.measured:,.2f} {self.unit}"
+        return f"| {self.name} | {sign} {self.limit:,.2f} {self.unit} | {shown} | {verdict} |"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def gateway_checks(gateway: dict[str, Any]) -> list[Check]:
+    """Issue 9 item 1's targets for loraplex."""
+    added = gateway["added"].get("loraplex", {})
+    heads = {h["target"]: h for h in gateway["headline"]}
+    ours = heads.get("loraplex", {})
+    router_rps = heads.get("vllm-router", {}).get("max_rps")
+    litellm_rps = heads.get("litellm", {}).get("max_rps")
+    return [
+        Check("added p50 at 1 client", added.get("closed_1_p50_ms"), 0.5, True, "ms"),
+        Check("added p99 at 1,000 req/s offered", added.get("open_1000_p99_ms"), 5.0, True, "ms"),
+        Check("gateway CPU per request", ours.get("cpu_us_per_request"), 300.0, True, "µs"),
+        Check("max req/s vs vllm-router", ratio(ours.get("max_rps"), router_rps), 0.5, False, "x"),
+        Check("max req/s vs LiteLLM", ratio(ours.get("max_rps"), litellm_rps), 20.0, False, "x"),
+        Check(
+            "added time to first streamed byte (p50)",
+            added.get("stream_ttfb_p50_ms"),
+            1.0,
+            True,
+            "ms",
+        ),
+    ]
+
+
+def gateway_section(gateway: dict[str, Any]) -> list[str]:
+    machine = gateway["machine"]
+    lines = [
+        "## Gateway cost (item 1)",
+        "",
+        f"Command: `{gateway['command']}`. Upstream: {gateway['upstream']}. "
+        f"Workload: {gateway['workload']}. Machine: {machine['cpus']} CPUs, "
+        f"{machine['platform']}, load average at the end {_loadavg(machine)} "
+        "(shared machine: latency is noisy; CPU per request is the steadiest figure).",
+        "",
+        "| target | version | max req/s (16 / 64 / 256 clients) | CPU µs/request | "
+        "added p50 / p99 @1 client (ms) | added p50 / p99 @200 req/s | "
+        "added p50 / p99 @1,000 req/s | 16 streams: added TTFB p50 / last-event p50 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for head in gateway["headline"]:
+        name = head["target"]
+        run = gateway["targets"][name]
+        added = gateway["added"].get(name, {})
+        rps = " / ".join(f"{v:,.0f}" for v in head["rps_by_clients"].values())
+        cpu = head["cpu_us_per_request"]
+        if name == "stub":
+            cpu = _stub_cpu(gateway)
+            name = "stub direct (baseline)"
+        lines.append(
+            f"| {name} | {run['version']} | {rps} | {_fmt(cpu, 0)} | "
+            f"{_pair(added, 'closed_1')} | {_pair(added, 'open_200')} | "
+            f"{_pair(added, 'open_1000')} | "
+            f"{_fmt(added.get('stream_ttfb_p50_ms'))} / {_fmt(added.get('stream_last_p50_ms'))} |"
+        )
+    lines += [
+        "",
+        "Stub direct row: the stub's own ceiling and CPU (it must never be the bottleneck); "
+        "its latencies are the baseline every `added` figure subtracts.",
+        "",
+        "| loraplex target | limit | measured | verdict |",
+        "|---|---|---|---|",
+        *[check.line() for check in gateway_checks(gateway)],
+        "",
+    ]
+    return lines
+
+
+def _stub_cpu(gateway: dict[str, Any]) -> float | None:
+    values = [v for v in gateway.get("stub_cpu_us_per_request", {}).values() if v]
+    return min(values) if values else None
+
+
+def _pair(added: dict[str, Any], prefix: str) -> str:
+    if not added:
+        return "baseline"
+    return f"{_fmt(added.get(prefix + '_p50_ms'))} / {_fmt(added.get(prefix + '_p99_ms'))}"
+
+
+def _loadavg(machine: dict[str, Any]) -> str:
+    values = machine.get("load_average")
+    return " / ".join(f"{v:.2f}" for v in values) if values else "n/a"
+
+
+def placement_section(placement: dict[str, Any]) -> list[str]:
+    config = placement["config"]
+    lines = [
+        "## Placement at fleet scale (item 4, from `placement.json`)",
+        "",
+        f"Command: `{placement['command']}` (simulator driving `router.placement`). Workload: "
+        f"{config['adapters']} adapters, Zipf({config['zipf_s']}), {config['replicas']} replicas "
+        f"x {config['slots']} slots, {config['requests']:,} requests. "
+        f"Machine: {placement['machine']['platform']}.",
+        "",
+        "| policy | hit rate | adapter loads / 1,000 req | max/mean load (busy) |",
+        "|---|---|---|---|",
+    ]
+    for row in placement["results"]:
+        lines.append(
+            f"| {row['label']} | {row['hit_rate']:.1%} | {row['loads_per_1k']:.0f} | "
+            f"{row['busy_max_mean']:.3f} |"
+        )
+    lines += ["", f"Verdict: {placement['verdict']}", ""]
+    return lines
+
+
+def generic_section(name: str, result: dict[str, Any]) -> list[str]:
+    """Results without a dedicated section: their command, machine and verdict lines."""
+    lines = [f"## {name}", "", f"Command: `{result['command']}`."]
+    for line in result.get("summary_lines", []):
+        lines.append(f"- {line}")
+    if "verdict" in result:
+        lines.append(f"\nVerdict: {result['verdict']}")
+    return [*lines, ""]
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "gateway": gateway_section,
+    "placement": placement_section,
+}
+
+
+def summary(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "# loraplex benchmarks",
+        "",
+        "Written by `bench/run.sh` (`make bench`) through `.venv/bin/python -m bench.report`. "
+        "Benchmarks print numbers; they never assert timings. Targets from issue 9.",
+        "",
+    ]
+    for name, result in results.items():
+        section = SECTIONS.get(name)
+        lines += section(result) if section else generic_section(name, result)
+    missing = [
+        n for n in ("gateway", "cold_start", "multi_adapter", "registry") if n not in results
+    ]
+    if missing:
+        lines += ["## Not measured in this run", "", *[f"- {n}" for n in missing], ""]
+    return "\n".join(lines)
+
+
+def plot_gateway(gateway: dict[str, Any], folder: Path) -> list[Path]:
+    """Bar charts: max req/s and CPU per request per target (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = gateway["headline"]
+    names = [h["target"] for h in heads]
+    written = []
+    for key, label, filename in (
+        ("max_rps", "max requests/s (closed loop, best of 16/64/256 clients)", "gateway_rps.png"),
+        ("cpu_us_per_request", "gateway CPU µs per request", "gateway_cpu.png"),
+    ):
+        values = [h[key] or 0 for h in heads]
+        if key == "cpu_us_per_request":
+            values[names.index("stub")] = _stub_cpu(gateway) or 0
+        figure, axis = plt.subplots(figsize=(7, 3.5))
+        axis.bar(names, values, color=["#888", "#d62", "#36c", "#393"][: len(names)])
+        axis.set_yscale("log")
+        axis.set_ylabel(label)
+        axis.set_title(f"{label} — upstream is a stub")
+        for x, value in enumerate(values):
+            axis.annotate(f"{value:,.0f}", (x, value), ha="center", va="bottom", fontsize=8)
+        figure.tight_layout()
+        path = folder / filename
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    results = read_results(RESULTS)
+    (RESULTS / "SUMMARY.md").write_text(summary(results))
+    if "gateway" in results:
+        plot_gateway(results["gateway"], RESULTS)
+    print((RESULTS / "SUMMARY.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
