@@ -12,5 +12,6 @@ if [[ "${1:-}" == "--quick" ]]; then QUICK=(--quick); fi
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" bench/placement.py
 "$PY" -m bench.gateway "${QUICK[@]}"
+"$PY" -m bench.registry_bench "${QUICK[@]}"
 "$PY" -m bench.report
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
