@@ -88,7 +88,7 @@ def build_adapter(base: Path, dest: Path, rank: int) -> Path:
     model = LlamaForCausalLM.from_pretrained(base)
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(dest, safe_serialization=True)
+    get_peft_model(model, lora).save_pretrained(str(dest), safe_serialization=True)
     return dest
 
 
