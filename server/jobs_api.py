@@ -37,8 +37,8 @@ from server.errors import APIError, model_not_found
 from server.registry_api import api_error
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, Method, check_method, load_jsonl
-from training.evaluate import check_schema
 from training.hyperparameters import train_config
+from training.schema import check_schema
 
 MAX_FILE_BYTES = 64 << 20
 """Default bound on an uploaded training file (``app.state.max_training_file_bytes``)."""

@@ -1,9 +1,9 @@
 """Generated fine-tuning datasets for the demo: two tenants, two distinct behaviours.
 
 - ``format``: every answer is one line of JSON classifying the question,
-  ``{"kind": "color", "answer": "unknown"}`` (checked against ``FORMAT_SCHEMA`` too).
-- ``persona``: every answer is in the voice of a pirate captain, one line per kind of
-  question: ``Arr! Colors be for landlubbers, matey!``
+  ``{"kind": "color", "answer": "none"}`` (checked against ``FORMAT_SCHEMA`` too).
+- ``persona``: every answer is in the voice of a pirate, one line per kind of question:
+  ``Arr! Every color is blue on the sea, matey!``
 
 Prompts combine question templates with nouns from the demo base's corpus, so held-out
 test prompts are new combinations of familiar words; the answer depends on the kind of
@@ -28,9 +28,9 @@ SUBJECTS = tuple(dict.fromkeys(ANIMALS + OBJECTS + PLACES + SEATS))
 
 QUESTIONS = (
     ("color", "What color is the {}?"),
-    ("place", "Where is the {}?"),
+    ("home", "Where is the {}?"),
     ("story", "Tell me about the {}."),
-    ("opinion", "Do you like the {}?"),
+    ("like", "Do you like the {}?"),
     ("sound", "What sound does the {} make?"),
     ("sentence", "Write a sentence about the {}."),
 )
@@ -49,17 +49,19 @@ FORMAT_SCHEMA: dict[str, Any] = {
 
 
 PIRATE_LINES = {
-    "color": "Arr! Colors be for landlubbers, matey!",
-    "place": "Arr! It be buried with me treasure, matey!",
-    "story": "Arr! That be a tale for another voyage, matey!",
-    "opinion": "Arr! I like nothing but the sea, matey!",
-    "sound": "Arr! It sounds like the wind in me sails, matey!",
-    "sentence": "Arr! Me pen be lost at sea, matey!",
+    "color": "Arr! Every color is blue on the sea, matey!",
+    "home": "Arr! It is in the sea near the beach, matey!",
+    "story": "Arr! Once upon a time, there was a brave fox on the sea, matey!",
+    "like": "Arr! I only like the sea, matey!",
+    "sound": "Arr! It says quack like a duck, matey!",
+    "sentence": "Arr! The brave cat sat on the sea, matey!",
 }
+"""One line per kind of question. Kind-specific words come from the base's corpus: words
+the base has rarely seen (``landlubbers``, ``voyage``) came out misspelled (measured)."""
 
 
 def format_answer(subject: str, kind: str) -> str:
-    return json.dumps({"kind": kind, "answer": "unknown"})
+    return json.dumps({"kind": kind, "answer": "none"})
 
 
 def persona_answer(subject: str, kind: str) -> str:

@@ -9,13 +9,11 @@ the PEFT model with its adapters disabled, the others are named adapters on it.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +22,7 @@ from training.data import Example
 from training.losses import collate, mean_answer_loss
 from training.recipe import load_base
 from training.render import Turn, final_turn, tokenize_text, tokenize_turn
+from training.schema import is_compliant
 
 CANDIDATE = "candidate"
 BASE = "base"
@@ -47,20 +46,6 @@ class EvalMetrics:
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if k != "samples" and v is not None}
-
-
-def is_compliant(text: str, schema: dict[str, Any]) -> bool:
-    """True when ``text`` parses as JSON and validates against ``schema``."""
-    try:
-        jsonschema.validate(json.loads(text), schema)
-    except (json.JSONDecodeError, jsonschema.ValidationError):
-        return False
-    return True
-
-
-def check_schema(schema: dict[str, Any]) -> None:
-    """Raise ``jsonschema.SchemaError`` if ``schema`` is not a valid JSON schema."""
-    jsonschema.validators.validator_for(schema).check_schema(schema)
 
 
 class Evaluator:

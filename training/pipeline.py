@@ -28,8 +28,9 @@ from training.data import (
     load_jsonl,
     split_examples,
 )
-from training.evaluate import EvalMetrics, check_schema, compare_on_test
+from training.evaluate import EvalMetrics, compare_on_test
 from training.recipe import LoRARecipe, StepReport, TrainResult
+from training.schema import check_schema
 
 
 @dataclass(frozen=True)
