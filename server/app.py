@@ -162,15 +162,27 @@ def _client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, limits=limits)
 
 
+ENGINE_HEALTH = router.HealthConfig(eject_after=2, readmit_after=2, probe_interval=1.0)
+"""External engines: ejected after 2 failed probes a second apart, readmitted after 2 good ones."""
+
+
 async def _watch_engines(gateway: Gateway, client: httpx.AsyncClient) -> None:
     """Health-check engines that ``serve`` did not start (their supervisor checks the others)."""
+    now = time.monotonic()
+    states = {
+        e.url: router.ReplicaHealth(ENGINE_HEALTH, now, healthy=False) for e in gateway.engines
+    }
     while True:
         results = await asyncio.gather(*(probe(client, e) for e in gateway.engines))
+        now = time.monotonic()
         for engine, ok in zip(gateway.engines, results, strict=True):
-            if engine.healthy != ok:
-                log.warning("engine %s is now %s", engine.url, "up" if ok else "down")
-            engine.healthy = ok
-        await asyncio.sleep(1.0)
+            state = states[engine.url]
+            if not engine.healthy and state.healthy:
+                state.record_request(False, now)  # the proxy saw a connection fail
+            if state.record_probe(ok, now) is not None:
+                log.warning("engine %s is now %s", engine.url, "up" if state.healthy else "down")
+            engine.healthy = state.healthy
+        await asyncio.sleep(ENGINE_HEALTH.probe_interval)
 
 
 async def _export_engine_state(gateway: Gateway) -> None:
