@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
@@ -17,11 +18,11 @@ from tests.training.training_testdata import (
     preference_records,
 )
 from training.config import ConfigError, TrainConfig
-from training.data import SplitFractions, load_jsonl, split_examples
+from training.data import Example, SplitFractions, load_jsonl, split_examples
 from training.recipe import LoRARecipe, StepReport, TrainingCancelled
 
 
-def _splits(records: list[dict[str, object]]) -> dict[str, list]:  # type: ignore[type-arg]
+def _splits(records: list[dict[str, Any]]) -> dict[str, list[Example]]:
     return split_examples(load_jsonl(jsonl(records)), SplitFractions(0.15, 0.1))
 
 
