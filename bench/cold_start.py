@@ -83,7 +83,7 @@ def registry_lookups(s: Session) -> dict[str, float]:
     started = time.perf_counter()
     view = s.registry.routing_view(s.tenant_id, name)
     gateway_lookup = time.perf_counter() - started
-    engine_name = view.versions[max(view.versions)].engine_name
+    engine_name = view.versions[-1].engine_name
     started = time.perf_counter()
     s.registry.version_by_engine_name(engine_name)
     resolver_lookup = time.perf_counter() - started
@@ -93,7 +93,7 @@ def registry_lookups(s: Session) -> dict[str, float]:
 def blob_fetches(s: Session, work: Path) -> dict[str, float]:
     """Blob fetch with its hash check (the store's own ``fetch``), local dir and S3."""
     view = s.registry.routing_view(s.tenant_id, s.adapter_names[0])
-    found = s.registry.version_by_engine_name(view.versions[max(view.versions)].engine_name)
+    found = s.registry.version_by_engine_name(view.versions[-1].engine_name)
     local = s.registry.blobs
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

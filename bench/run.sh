@@ -13,5 +13,6 @@ echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" bench/placement.py
 "$PY" -m bench.gateway "${QUICK[@]}"
 "$PY" -m bench.registry_bench "${QUICK[@]}"
+"$PY" -m bench.engine_suite "${QUICK[@]}"
 "$PY" -m bench.report
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
