@@ -1,7 +1,7 @@
 """Generated fine-tuning datasets for the demo: two tenants, two distinct behaviours.
 
 - ``format``: every answer is one line of JSON classifying the question,
-  ``{"kind": "color", "answer": "none"}`` (checked against ``FORMAT_SCHEMA`` too).
+  ``{"kind": "a color question", "answer": "none"}`` (checked against ``FORMAT_SCHEMA`` too).
 - ``persona``: every answer is in the voice of a pirate, one line per kind of question:
   ``Arr! Every color is blue on the sea, matey!``
 
@@ -36,10 +36,18 @@ QUESTIONS = (
 )
 """(kind, question template)."""
 
+
+def format_kind(kind: str) -> str:
+    # "a color question", not "color": after a quote, byte-level BPE spells a bare word in
+    # letters ("c", "ol", "or"), while " color" is one token the base already knows; the
+    # adapter learns to pick a known token, not a spelling (bare words: 10% exact match).
+    return f"a {kind} question"
+
+
 FORMAT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "kind": {"type": "string", "enum": [kind for kind, _ in QUESTIONS]},
+        "kind": {"type": "string", "enum": [format_kind(kind) for kind, _ in QUESTIONS]},
         "answer": {"type": "string"},
     },
     "required": ["kind", "answer"],
@@ -61,7 +69,7 @@ the base has rarely seen (``landlubbers``, ``voyage``) came out misspelled (meas
 
 
 def format_answer(subject: str, kind: str) -> str:
-    return json.dumps({"kind": kind, "answer": "none"})
+    return json.dumps({"kind": format_kind(kind), "answer": "none"})
 
 
 def persona_answer(subject: str, kind: str) -> str:
