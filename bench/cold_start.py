@@ -32,7 +32,7 @@ from bench.results import write_result
 from registry import S3BlobStore
 
 COMMAND = ".venv/bin/python -m bench.cold_start"
-SAMPLES = 3
+SAMPLES = 5
 FETCH_METRIC = "loraplex_adapter_fetch_seconds"
 PENALTY_FACTOR = 1.2
 

@@ -35,7 +35,7 @@ ENGINE_START_TIMEOUT = 600.0
 class SessionConfig:
     """The engine and the adapters prepared for it."""
 
-    adapters: int = 40
+    adapters: int = 42
     """Adapters built, pushed and promoted (32 for mixes, the rest never requested before the
     cold-start runs)."""
     rank: int = 8

@@ -73,12 +73,13 @@ def gateway_checks(gateway: dict[str, Any]) -> list[Check]:
 def gateway_section(gateway: dict[str, Any]) -> list[str]:
     machine = gateway["machine"]
     lines = [
-        "## Gateway cost (item 1)",
+        f"## {TITLES['gateway']}",
         "",
         f"Command: `{gateway['command']}`. Upstream: {gateway['upstream']}. "
-        f"Workload: {gateway['workload']}. Machine: {machine['cpus']} CPUs, "
-        f"{machine['platform']}, load average at the end {_loadavg(machine)} "
-        "(shared machine: latency is noisy; CPU per request is the steadiest figure).",
+        f"Workload: {gateway['workload']}. Machine: {_machine(machine)} at the end "
+        "(shared machine: latency is noisy; CPU per request is the steadiest figure). "
+        "Where a loraplex target is missed, the profile in the next section shows where "
+        "the time goes.",
         "",
         "| target | version | max req/s (16 / 64 / 256 clients) | CPU µs/request | "
         "added p50 / p99 @1 client (ms) | added p50 / p99 @200 req/s | "
@@ -132,7 +133,7 @@ def _loadavg(machine: dict[str, Any]) -> str:
 def placement_section(placement: dict[str, Any]) -> list[str]:
     config = placement["config"]
     lines = [
-        "## Placement at fleet scale (item 4, from `placement.json`)",
+        f"## {TITLES['placement']} (from `placement.json`)",
         "",
         f"Command: `{placement['command']}` (simulator driving `router.placement`). Workload: "
         f"{config['adapters']} adapters, Zipf({config['zipf_s']}), {config['replicas']} replicas "
@@ -151,14 +152,37 @@ def placement_section(placement: dict[str, Any]) -> list[str]:
     return lines
 
 
+TITLES = {
+    "gateway": "Gateway cost (item 1)",
+    "profile_loraplex": "Where loraplex's gateway time goes (py-spy, item 1)",
+    "gateway_vllm": "Gateway cost on the real vLLM CPU engine (item 1)",
+    "cold_start": "Adapter cold start (item 2)",
+    "multi_adapter": "Multi-adapter throughput (item 3)",
+    "placement": "Placement at fleet scale (item 4)",
+    "registry": "Registry (item 6)",
+}
+"""Section order and titles; results with other names follow, titled by their file name."""
+
+
 def generic_section(name: str, result: dict[str, Any]) -> list[str]:
-    """Results without a dedicated section: their command, machine and verdict lines."""
-    lines = [f"## {name}", "", f"Command: `{result['command']}`."]
-    for line in result.get("summary_lines", []):
-        lines.append(f"- {line}")
+    """A result's command, workload, peer, machine, summary lines and verdict."""
+    lines = [f"## {TITLES.get(name, name)}", "", f"Command: `{result['command']}`."]
+    for key in ("workload", "peer", "upstream"):
+        if key in result:
+            lines[-1] += f" {key.capitalize()}: {result[key]}."
+    lines[-1] += f" Machine: {_machine(result['machine'])}."
+    lines.append("")
+    lines += [f"- {line}" for line in result.get("summary_lines", [])]
     if "verdict" in result:
-        lines.append(f"\nVerdict: {result['verdict']}")
+        lines += ["", f"Verdict: {result['verdict']}"]
     return [*lines, ""]
+
+
+def _machine(machine: dict[str, Any]) -> str:
+    parts = [f"{machine['cpus']} CPUs" if "cpus" in machine else "", machine.get("platform", "")]
+    if "load_average" in machine:
+        parts.append(f"load average {_loadavg(machine)}")
+    return ", ".join(p for p in parts if p)
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
@@ -175,7 +199,9 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
         "Benchmarks print numbers; they never assert timings. Targets from issue 9.",
         "",
     ]
-    for name, result in results.items():
+    ordered = [n for n in TITLES if n in results] + [n for n in results if n not in TITLES]
+    for name in ordered:
+        result = results[name]
         section = SECTIONS.get(name)
         lines += section(result) if section else generic_section(name, result)
     missing = [
