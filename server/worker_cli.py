@@ -1,7 +1,7 @@
 """``loraplex worker`` (run fine-tuning jobs from the registry) and ``loraplex train``.
 
 ``worker`` registers the local base model (idempotent), then claims queued jobs pinned
-to it, one at a time, until stopped (SIGTERM/SIGINT finish the current step and exit;
+to it, one at a time, until stopped (SIGTERM/SIGINT: finish the current job, then exit;
 a killed worker's job is re-queued by the next worker's reaper). ``train`` runs one
 training locally from a JSONL file, with a progress bar, and writes the adapter to a
 directory; it touches no database.
