@@ -13,15 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from registry.jobs import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from registry.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from registry.models import utcnow
 from tests.training.conftest import Bench
-from tests.training.training_testdata import FAST, fixed_answer_records, preference_records
+from tests.training.training_testdata import FAST, fixed_answer_records, jsonl, preference_records
 from training.worker import TEST_SUITE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,3 +158,42 @@ def test_killing_a_worker_mid_job_leaves_no_version_and_the_job_recovers(
     done = bench.job(job.id)
     assert done.status == SUCCEEDED and done.attempts == 2
     assert [v.number for v in bench.registry.list_versions(bench.tenant_id, "bot")] == [1]
+
+
+def test_dpo_jobs_with_a_validation_file_and_a_schema(bench: Bench) -> None:
+    registry, tenant_id = bench.registry, bench.tenant_id
+    validation = bench.store.create_file(
+        tenant_id, "valid.jsonl", "fine-tune", jsonl(preference_records(7))
+    )
+    job = bench.submit(
+        [{**r, "prompt": f"Other {r['prompt']}"} for r in preference_records(50)],
+        adapter="dpo-bot",
+        method="dpo",
+        validation_file=validation.id,
+        json_schema={"type": "object"},
+    )
+    bench.worker().run_once()
+    done = bench.job(job.id)
+    assert done.status == SUCCEEDED, done.error
+    assert done.result is not None and done.result["config"]["method"] == "dpo"
+    audit = next(
+        e for e in bench.store.events(tenant_id, job.id, limit=100) if e.data and "splits" in e.data
+    )
+    assert audit.data is not None and audit.data["splits"]["validation"] == 7
+    stored = {(r.suite, r.metric) for r in registry.eval_results(tenant_id, "dpo-bot", 1)}
+    assert (TEST_SUITE, "format_compliance") in stored
+    assert (f"{TEST_SUITE}/base", "format_compliance") in stored
+
+
+def test_cancelling_a_running_job_stops_training_and_registers_nothing(bench: Bench) -> None:
+    job = bench.submit(fixed_answer_records(40), hyperparameters={"eval_every": 1, "epochs": 30})
+    worker = threading.Thread(target=bench.worker().run_once)
+    worker.start()
+    try:
+        _wait_for_training(bench, job.id, timeout=60)
+        bench.store.cancel(bench.tenant_id, job.id)
+    finally:
+        worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert bench.job(job.id).status == CANCELLED
+    assert bench.registry.list_adapters(bench.tenant_id) == []
