@@ -28,7 +28,7 @@ import httpx
 from bench.engine_session import WORK, Session, engine_metric, first_token, session
 from bench.gateway import machine
 from bench.registry_bench import S3_BUCKET, s3_client, s3_endpoint
-from bench.results import write_result
+from bench.results import publish
 from registry import S3BlobStore
 
 COMMAND = ".venv/bin/python -m bench.cold_start"
@@ -195,10 +195,7 @@ def result(figures: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     with session() as s:
         figures = run(s)
-    path = write_result("cold_start", result(figures))
-    print("\n".join(figures["summary_lines"]))
-    print(figures["verdict"])
-    print(f"wrote {path}")
+    publish("cold_start", result(figures))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 
 from bench import cold_start, gateway, multi_adapter
 from bench.engine_session import BASE_NAME, session
-from bench.results import write_result
+from bench.results import publish
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,14 +28,9 @@ def main(argv: list[str] | None = None) -> None:
         direct = gateway.measure_engine(s.engine_url, s.engine_key, BASE_NAME, duration)
         ours = gateway.measure_engine(s.gateway_url, s.tenant_key, BASE_NAME, duration)
         report = gateway.engine_result(direct, ours)
-        write_result("gateway_vllm", report)
-        print("\n".join(report["summary_lines"]), flush=True)
-        figures = cold_start.run(s)
-        write_result("cold_start", cold_start.result(figures))
-        print("\n".join(figures["summary_lines"]), figures["verdict"], sep="\n", flush=True)
-        figures = multi_adapter.run(s, mixes)
-        write_result("multi_adapter", multi_adapter.result(figures))
-        print("\n".join(figures["summary_lines"]), flush=True)
+        publish("gateway_vllm", report)
+        publish("cold_start", cold_start.result(cold_start.run(s)))
+        publish("multi_adapter", multi_adapter.result(multi_adapter.run(s, mixes)))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def _run(target: targets.Running, spec: loadgen.RunSpec) -> dict[str, Any]:
         cpu = procs.cpu_seconds(proc.pid) - cpu_before
         summary["cpu_s"] = cpu
         summary["cpu_us_per_request"] = cpu / result.total * 1e6
+        summary["settle_s"] = procs.settle(proc.pid)
     return summary
 
 

@@ -23,7 +23,7 @@ import httpx
 
 from bench.engine_session import BASE_NAME, Session, session
 from bench.gateway import machine
-from bench.results import write_result
+from bench.results import publish
 
 COMMAND = ".venv/bin/python -m bench.multi_adapter"
 
@@ -123,9 +123,7 @@ def result(figures: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     with session() as s:
         figures = run(s)
-    path = write_result("multi_adapter", result(figures))
-    print("\n".join(figures["summary_lines"]))
-    print(f"wrote {path}")
+    publish("multi_adapter", result(figures))
 
 
 if __name__ == "__main__":

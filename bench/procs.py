@@ -145,5 +145,20 @@ def cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
+def settle(pid: int, busy_below: float = 0.1, window: float = 0.5, timeout: float = 30.0) -> float:
+    """Wait until ``pid``'s tree uses under ``busy_below`` of a core; the seconds waited.
+
+    A saturated target keeps working on requests its clients gave up on; the
+    next run must not inherit that backlog.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = cpu_seconds(pid)
+        time.sleep(window)
+        if (cpu_seconds(pid) - before) / window < busy_below:
+            break
+    return time.monotonic() - started
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()

@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import loadgen, targets
 from bench.gateway import machine
-from bench.results import write_result
+from bench.results import publish
 
 WORK = Path(__file__).resolve().parent / ".work" / "profile"
 COMMAND = ".venv/bin/python -m bench.profile_gateway"
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary_lines": summary_lines(runs),
         "machine": machine(),
     }
-    path = write_result("profile_loraplex", result)
-    print("\n".join(result["summary_lines"]))
-    print(f"wrote {path}")
+    publish("profile_loraplex", result)
 
 
 if __name__ == "__main__":

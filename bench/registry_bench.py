@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway import machine
-from bench.results import write_result
+from bench.results import publish
 from bench.stats import summarize_ms
 
 WORK = Path(__file__).resolve().parent / ".work" / "registry"
@@ -143,6 +143,7 @@ def s3_endpoint(work: Path) -> Iterator[str]:
     """A real SeaweedFS S3 server (the same helper the registry's tests use)."""
     from tests.registry.registry_testdata import seaweedfs
 
+    shutil.rmtree(work / "seaweedfs", ignore_errors=True)  # a reused bucket fails its start probe
     with seaweedfs(work / "seaweedfs", S3_BUCKET, S3_KEY, S3_SECRET) as endpoint:
         yield endpoint
 
@@ -286,9 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary_lines": summary_lines(out),
         "machine": machine(),
     }
-    path = write_result("registry", result)
-    print("\n".join(result["summary_lines"]))
-    print(f"wrote {path}")
+    publish("registry", result)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,13 @@ def read_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
     for path in sorted(folder.glob("*.json")):
         found[path.stem] = json.loads(path.read_text())
     return found
+
+
+def publish(name: str, result: dict[str, Any]) -> Path:
+    """Write the result, then print its summary lines (and verdict) and where it went."""
+    path = write_result(name, result)
+    for line in [*result.get("summary_lines", []), result.get("verdict", "")]:
+        if line:
+            print(line)
+    print(f"wrote {path}")
+    return path

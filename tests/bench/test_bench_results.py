@@ -87,3 +87,17 @@ def test_cpu_seconds_include_child_processes(tmp_path: Path, wait: bool) -> None
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_settle_waits_for_a_busy_process_to_go_quiet(tmp_path: Path) -> None:
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY.format(seconds=1.0) + "time.sleep(30)\n")
+    busy = subprocess.Popen([sys.executable, str(script)])
+    try:
+        time.sleep(0.2)
+        waited = procs.settle(busy.pid, window=0.2, timeout=10)
+        assert 0.5 <= waited < 5
+        assert procs.settle(busy.pid, window=0.2, timeout=10) < 0.5  # idle now: one window
+    finally:
+        busy.kill()
+        busy.wait()
