@@ -111,16 +111,19 @@ def disk_write_mb_s(folder: Path, size: int) -> float:
     return size / MIB / took
 
 
-def s3_put_mb_s(client: Any, size: int) -> float:
-    """Raw PUT bandwidth of one ``size``-byte object (boto3's multipart transfer, as the store)."""
+def s3_put_mb_s(client: Any, size: int, tries: int = 2) -> float:
+    """Raw PUT bandwidth of a ``size``-byte object, best of ``tries`` (the first one also pays
+    SeaweedFS's volume allocation)."""
     import io
 
-    body = io.BytesIO(os.urandom(size))
-    started = time.perf_counter()
-    client.upload_fileobj(body, S3_BUCKET, "raw-probe.bin")
-    took = time.perf_counter() - started
-    client.delete_object(Bucket=S3_BUCKET, Key="raw-probe.bin")
-    return size / MIB / took
+    payload = os.urandom(size)
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        client.upload_fileobj(io.BytesIO(payload), S3_BUCKET, "raw-probe.bin")
+        best = min(best, time.perf_counter() - started)
+        client.delete_object(Bucket=S3_BUCKET, Key="raw-probe.bin")
+    return size / MIB / best
 
 
 @contextlib.contextmanager
@@ -204,8 +207,11 @@ def upload(registry: Any, tenant_id: int, adapter: Path, repeats: int) -> dict[s
     for i in range(repeats):
         name = f"big-{uuid.uuid4().hex[:6]}-{i}"
         started = time.perf_counter()
-        registry.push_adapter(tenant_id, name, adapter, "bench-base", actor)
+        version = registry.push_adapter(tenant_id, name, adapter, "bench-base", actor)
         seconds.append(time.perf_counter() - started)
+        # Blobs are content-addressed and a stored key is never written again: drop it so
+        # the next upload stores its bytes too.
+        registry.blobs.delete(version.blob_key)
     best = min(seconds)
     return {"adapter_mb": size / MIB, "seconds": seconds, "mb_s_best": size / MIB / best}
 

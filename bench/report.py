@@ -222,9 +222,9 @@ def plot_gateway(gateway: dict[str, Any], folder: Path) -> list[Path]:
     heads = gateway["headline"]
     names = [h["target"] for h in heads]
     written = []
-    for key, label, filename in (
-        ("max_rps", "max requests/s (closed loop, best of 16/64/256 clients)", "gateway_rps.png"),
-        ("cpu_us_per_request", "gateway CPU µs per request", "gateway_cpu.png"),
+    for key, label, title, filename in (
+        ("max_rps", "requests/s", "max req/s, best of 16/64/256 clients", "gateway_rps.png"),
+        ("cpu_us_per_request", "CPU µs / request", "gateway CPU per request", "gateway_cpu.png"),
     ):
         values = [h[key] or 0 for h in heads]
         if key == "cpu_us_per_request":
@@ -233,7 +233,7 @@ def plot_gateway(gateway: dict[str, Any], folder: Path) -> list[Path]:
         axis.bar(names, values, color=["#888", "#d62", "#36c", "#393"][: len(names)])
         axis.set_yscale("log")
         axis.set_ylabel(label)
-        axis.set_title(f"{label} — upstream is a stub")
+        axis.set_title(f"{title} (upstream: stub)")
         for x, value in enumerate(values):
             axis.annotate(f"{value:,.0f}", (x, value), ha="center", va="bottom", fontsize=8)
         figure.tight_layout()
@@ -244,11 +244,34 @@ def plot_gateway(gateway: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def plot_multi_adapter(result: dict[str, Any], folder: Path) -> Path:
+    """Output tokens/s of each adapter mix as a ratio to the base alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    axis.barh([r["mix"] for r in rows], [r["ratio_to_base"] for r in rows], color="#36c")
+    axis.axvline(1.0, color="#888", linewidth=1)
+    axis.invert_yaxis()
+    axis.set_xlabel("output tokens/s, ratio to the base alone")
+    axis.set_title("Multi-adapter throughput, vLLM CPU engine, demo base")
+    figure.tight_layout()
+    path = folder / "multi_adapter.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def main() -> None:
     results = read_results(RESULTS)
     (RESULTS / "SUMMARY.md").write_text(summary(results))
     if "gateway" in results:
         plot_gateway(results["gateway"], RESULTS)
+    if "multi_adapter" in results:
+        plot_multi_adapter(results["multi_adapter"], RESULTS)
     print((RESULTS / "SUMMARY.md").read_text())
 
 
