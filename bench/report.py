@@ -104,7 +104,11 @@ def gateway_section(gateway: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Stub direct row: the stub's own ceiling and CPU (it must never be the bottleneck); "
-        "its latencies are the baseline every `added` figure subtracts.",
+        "its latencies are the baseline every `added` figure subtracts. CPU µs/request: the "
+        "target's processes (all of them, from /proc) over the 16/64/256-client runs, the "
+        "lowest of the three. Open-loop latency counts from each request's scheduled send "
+        "time; a target past its capacity queues, so its figure there is seconds, not "
+        "milliseconds. LiteLLM runs without a master key; loraplex authenticates every request.",
         "",
         "| loraplex target | limit | measured | verdict |",
         "|---|---|---|---|",
