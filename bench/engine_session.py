@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.procs import Proc, free_port, start, wait_http
+from bench.procs import Proc, free_port, ready, start
 from bench.targets import HUGE, REPO, VENV_BIN
 
 WORK = Path(__file__).resolve().parent / ".work" / "engine"
@@ -143,7 +143,7 @@ def session(config: SessionConfig | None = None) -> Iterator[Session]:
     argv += ["--engine-start-timeout", str(int(ENGINE_START_TIMEOUT))]
     proc = start("loraplex+vllm", argv, home / "serve.log", cwd=REPO)
     try:
-        took = wait_http(proc, f"http://127.0.0.1:{port}/readyz", ENGINE_START_TIMEOUT)
+        took = ready(proc, f"http://127.0.0.1:{port}/readyz", ENGINE_START_TIMEOUT)
         yield Session(
             f"http://127.0.0.1:{port}",
             f"http://127.0.0.1:{engine_port}",

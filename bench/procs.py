@@ -104,6 +104,15 @@ def wait_http(proc: Proc, url: str, timeout: float) -> float:
     )
 
 
+def ready(proc: Proc, url: str, timeout: float) -> float:
+    """``wait_http``, but a process that never became ready is stopped before the error."""
+    try:
+        return wait_http(proc, url, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()

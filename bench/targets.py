@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import peers
-from bench.procs import Proc, free_port, start, wait_http
+from bench.procs import Proc, free_port, ready, start
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -45,7 +45,7 @@ def start_stub(work: Path, stream_chunks: int = 8, chunk_interval_ms: float = 0.
     argv += ["--stream-chunks", str(stream_chunks), "--chunk-interval-ms", str(chunk_interval_ms)]
     proc = start("stub", argv, work / "logs" / "stub.log", cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    took = wait_http(proc, url + "/health", 30)
+    took = ready(proc, url + "/health", 30)
     return Running("stub", url, proc=proc, version="bench/stub_upstream.py", start_seconds=took)
 
 
@@ -75,7 +75,7 @@ def start_loraplex(work: Path, upstream: str, model: str = MODEL) -> Running:
     argv += ["--base-model", str(base), "--base-revision", "bench", "--log-level", "warning"]
     proc = start("loraplex", argv, work / "logs" / "loraplex.log", cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    took = wait_http(proc, url + "/readyz", START_TIMEOUT)
+    took = ready(proc, url + "/readyz", START_TIMEOUT)
     return Running("loraplex", url, key, proc, version="working tree", start_seconds=took)
 
 
@@ -96,7 +96,7 @@ def start_litellm(work: Path, upstream: str, model: str = MODEL) -> Running:
     env = {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
     proc = start("litellm", argv, work / "logs" / "litellm.log", env=env)
     url = f"http://127.0.0.1:{port}"
-    took = wait_http(proc, url + "/health/liveliness", START_TIMEOUT)
+    took = ready(proc, url + "/health/liveliness", START_TIMEOUT)
     return Running("litellm", url, proc=proc, version=peers.LITELLM.version, start_seconds=took)
 
 
@@ -107,6 +107,6 @@ def start_vllm_router(work: Path, upstream: str) -> Running:
     argv += ["--log-level", "warning"]
     proc = start("vllm-router", argv, work / "logs" / "vllm-router.log")
     url = f"http://127.0.0.1:{port}"
-    took = wait_http(proc, url + "/health", START_TIMEOUT)
+    took = ready(proc, url + "/health", START_TIMEOUT)
     version = peers.VLLM_ROUTER.version
     return Running("vllm-router", url, proc=proc, version=version, start_seconds=took)

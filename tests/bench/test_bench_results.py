@@ -101,3 +101,12 @@ def test_settle_waits_for_a_busy_process_to_go_quiet(tmp_path: Path) -> None:
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_a_process_that_never_gets_ready_is_stopped(tmp_path: Path) -> None:
+    sleeper = procs.start(
+        "sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "sleeper.log"
+    )
+    with pytest.raises(procs.StartTimeout, match="not ready"):
+        procs.ready(sleeper, f"http://127.0.0.1:{procs.free_port()}/health", timeout=0.5)
+    assert sleeper.popen.poll() is not None
