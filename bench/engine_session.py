@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -159,6 +160,7 @@ def session(config: SessionConfig | None = None) -> Iterator[Session]:
     finally:
         proc.stop(grace=20)
         registry.close()
+        shutil.rmtree(home, ignore_errors=True)  # throwaway state; the adapters stay cached
 
 
 def first_token(
