@@ -147,8 +147,11 @@ def s3_endpoint(work: Path) -> Iterator[str]:
     from tests.registry.registry_testdata import seaweedfs
 
     shutil.rmtree(work / "seaweedfs", ignore_errors=True)  # a reused bucket fails its start probe
-    with seaweedfs(work / "seaweedfs", S3_BUCKET, S3_KEY, S3_SECRET) as endpoint:
-        yield endpoint
+    try:
+        with seaweedfs(work / "seaweedfs", S3_BUCKET, S3_KEY, S3_SECRET) as endpoint:
+            yield endpoint
+    finally:
+        shutil.rmtree(work / "seaweedfs", ignore_errors=True)
 
 
 def s3_client(endpoint: str) -> Any:
