@@ -180,7 +180,7 @@ def _release(engine: Engine, target: proxy.Target, outcome: proxy.Outcome) -> No
 async def open_upstream(
     gateway: Gateway, candidates: list[Engine], path: str, body: dict[str, Any]
 ) -> tuple[httpx.Response, Engine]:
-    """Send to the first engine that accepts the connection; fail over on connect errors."""
+    """Send to the first engine that answers; fail over while no response has started."""
     assert gateway.client is not None
     last: proxy.UpstreamFailure | None = None
     for engine in candidates:
@@ -193,8 +193,10 @@ async def open_upstream(
         except proxy.UpstreamFailure as failure:
             gateway.metrics.upstream_errors.labels(engine.name, failure.reason).inc()
             last = failure
-            if failure.status != 503:
-                break  # only connection failures are safe to retry elsewhere
+            if failure.status == 504:
+                break  # a timed-out generation is not repeated elsewhere: it would double the wait
+            # No response has started, so nothing reached the client yet: an inference
+            # request has no side effects and can go to the next replica.
             engine.healthy = False  # the next health check readmits it
     assert last is not None
     raise last

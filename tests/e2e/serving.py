@@ -51,14 +51,16 @@ class ServeProcess:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 600, engines: int = 1) -> None:
+        """Wait until ``/readyz`` reports at least ``engines`` healthy engines."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"loraplex serve exited early:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(self.url + "/readyz", timeout=2)
+                if ready.status_code == 200 and ready.json()["engines_healthy"] >= engines:
                     return
             except httpx.HTTPError:
                 pass
