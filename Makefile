@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve test test-unit lint typecheck bench clean
+.PHONY: help install demo serve test test-unit lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test: install lint  ## everything CI runs: lint, unit, PostgreSQL, S3 and end-to
 
 test-unit: install  ## fast tests only (no vLLM engine)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+bench: install  ## benchmarks side by side with peers; writes bench/results/ (numbers, never asserts)
+	bash bench/run.sh
 
 clean:  ## remove the virtualenv and the embedded state under .loraplex/
 	rm -rf $(VENV) .loraplex .pytest_cache .mypy_cache .ruff_cache

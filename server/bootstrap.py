@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from registry import Actor, NotFound, Registry, UploadLimits, open_blob_store
+from registry import Actor, Conflict, NotFound, Registry, UploadLimits, open_blob_store
 from server.config import Settings
 from server.engine import Engine, EngineSupervisor
 
@@ -27,9 +27,15 @@ def served_base_fingerprint(settings: Settings, registry: Registry) -> str:
     """Register the local base model (idempotent), or find the named one; its fingerprint."""
     base = settings.resolved_base_model
     if (base / "config.json").is_file():
-        record = registry.register_base(
-            base, settings.resolved_served_model_name, settings.base_revision, SYSTEM
-        )
+        try:
+            record = registry.register_base(
+                base, settings.resolved_served_model_name, settings.base_revision, SYSTEM
+            )
+        except Conflict as exc:
+            raise StartupError(
+                f"{exc}; serve it under that name and revision (--served-model-name, "
+                "--base-revision), or give these weights a new revision"
+            ) from None
         return record.fingerprint
     try:
         return registry.get_base(settings.resolved_served_model_name).fingerprint

@@ -53,7 +53,7 @@ def build_adapter(base: Path, dest: Path, *, seed: int, r: int = 8, **lora: Any)
     model = LlamaForCausalLM.from_pretrained(base)
     lora.setdefault("target_modules", ["q_proj", "v_proj"])
     config = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, **lora)
-    get_peft_model(model, config).save_pretrained(dest, safe_serialization=True)
+    get_peft_model(model, config).save_pretrained(str(dest), safe_serialization=True)
     return dest
 
 
