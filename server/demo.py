@@ -114,6 +114,11 @@ def show_requests(client: OpenAI, model: str) -> None:
 TENANTS = {"acme": ("support-bot", 1), "globex": ("legal-bot", 2)}
 
 
+def demo_registry() -> Registry:
+    """The registry `loraplex serve` uses under the demo's home, opened as an operator would."""
+    return Registry(f"sqlite:///{(HOME / 'registry.db').resolve()}", LocalBlobStore(HOME / "blobs"))
+
+
 def tenant_key(registry: Registry, name: str) -> str:
     """A fresh key for tenant ``name``, creating the tenant on the first run."""
     try:
@@ -162,14 +167,12 @@ def upload_and_promote(url: str, key: str, name: str, adapter: Path, base: str) 
     return number
 
 
-def show_tenants(url: str, base: Path) -> None:
-    registry = Registry(
-        f"sqlite:///{(HOME / 'registry.db').resolve()}", LocalBlobStore(HOME / "blobs")
-    )
+def show_tenants(url: str, base: Path, keys: dict[str, str]) -> None:
+    registry = demo_registry()
     prompt = "The cat sat on the"
     clients = {}
     for tenant, (adapter_name, seed) in TENANTS.items():
-        key = tenant_key(registry, tenant)
+        key = keys[tenant]
         adapter = random_adapter(base, HOME / "demo-adapters" / adapter_name, seed)
         number = upload_and_promote(url, key, adapter_name, adapter, base.name)
         _say(f"tenant {tenant}: uploaded {adapter_name} (stock PEFT files), promoted v{number}")
@@ -201,6 +204,87 @@ def show_tenants(url: str, base: Path) -> None:
     registry.close()
 
 
+JOBS = {
+    "acme": ("format", "acme-json"),
+    "globex": ("persona", "globex-pirate"),
+}
+"""Tenant -> (demo dataset behaviour, fine-tuned model name)."""
+
+HELD_OUT = ["What color is the kettle?", "Where is the owl?", "Do you like the bench?"]
+
+
+def start_worker(base: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    loraplex = Path(sys.executable).with_name("loraplex")
+    cmd = [str(loraplex), "worker", "--home", str(HOME), "--base-model", str(base)]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def fine_tune(url: str, base: Path, keys: dict[str, str]) -> dict[str, str]:
+    """Each tenant uploads its dataset and runs a job through the openai client; -> model names."""
+    from training.demo_data import FORMAT_SCHEMA, demo_jsonl
+
+    jobs = {}
+    for tenant, (behaviour, suffix) in JOBS.items():
+        client = OpenAI(base_url=url + "/v1", api_key=keys[tenant], max_retries=0)
+        upload = client.files.create(
+            file=(f"{behaviour}.jsonl", demo_jsonl(behaviour)), purpose="fine-tune"
+        )
+        # learning_rate is a loraplex extension (any TrainConfig field may be named);
+        # these settings reached 100 % exact match on held-out prompts in our runs.
+        hyper = {"learning_rate": 0.005, "n_epochs": 3, "batch_size": 4}
+        extra: dict[str, object] = {"hyperparameters": hyper}
+        if behaviour == "format":
+            extra["json_schema"] = FORMAT_SCHEMA
+        job = client.fine_tuning.jobs.create(
+            model=base.name, training_file=upload.id, suffix=suffix, seed=0, extra_body=extra
+        )
+        _say(f"tenant {tenant}: uploaded {upload.filename}, started fine-tuning job {job.id}")
+        jobs[tenant] = (client, job.id)
+    started = time.monotonic()
+    models: dict[str, str] = {}
+    while len(models) < len(jobs):
+        for tenant, (client, job_id) in jobs.items():
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            if job.status == "succeeded" and tenant not in models:
+                models[tenant] = str(job.fine_tuned_model)
+                _say(f"tenant {tenant}: job {job_id} succeeded -> model {job.fine_tuned_model!r}")
+            elif job.status in ("failed", "cancelled"):
+                raise SystemExit(f"fine-tuning job {job_id} {job.status}: {job.error}")
+        if time.monotonic() - started > 900:
+            raise SystemExit("fine-tuning took over 15 minutes; see .loraplex/logs/demo-worker.log")
+        print(f"\r    training... {time.monotonic() - started:.0f} s", end="", flush=True)
+        time.sleep(2)
+    print()
+    return models
+
+
+def show_trained(url: str, base: Path, keys: dict[str, str], models: dict[str, str]) -> None:
+    registry = demo_registry()
+    for tenant, model in models.items():
+        client = OpenAI(base_url=url + "/v1", api_key=keys[tenant], max_retries=0)
+        _say(f"tenant {tenant}: {model} next to the base, on questions it was not trained on")
+        for question in HELD_OUT:
+            answers = []
+            for name in (base.name, model):
+                reply = client.chat.completions.create(
+                    model=name,
+                    messages=[{"role": "user", "content": question}],
+                    max_tokens=40,
+                    temperature=0,
+                )
+                answers.append(reply.choices[0].message.content)
+            print(f"    Q: {question}\n       base:  {answers[0]!r}\n       tuned: {answers[1]!r}")
+        tenant_id = registry.get_tenant(tenant).id or 0
+        [version] = registry.list_versions(tenant_id, model)[-1:]
+        evals = registry.eval_results(tenant_id, model, version.number)
+        table = ", ".join(
+            f"{e.suite}/{e.metric}={e.value:.2f}" for e in evals if e.metric != "loss"
+        )
+        print(f"    stored eval results (held-out test split): {table}")
+    registry.close()
+
+
 def main() -> int:
     from training.demo_base import build_demo_base
 
@@ -213,13 +297,22 @@ def main() -> int:
     server = start_server(base, port, log_path)
     try:
         wait_ready(url, server, log_path)
-        registry = Registry(
-            f"sqlite:///{(HOME / 'registry.db').resolve()}", LocalBlobStore(HOME / "blobs")
-        )
+        registry = demo_registry()
         client = OpenAI(base_url=url + "/v1", api_key=tenant_key(registry, "demo"), max_retries=0)
         registry.close()
         show_requests(client, base.name)
-        show_tenants(url, base)
+        registry = demo_registry()
+        keys = {tenant: tenant_key(registry, tenant) for tenant in TENANTS}
+        registry.close()
+        show_tenants(url, base, keys)
+        _say(f"starting `loraplex worker` (log: {HOME / 'logs' / 'demo-worker.log'})")
+        worker = start_worker(base, HOME / "logs" / "demo-worker.log")
+        try:
+            models = fine_tune(url, base, keys)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        show_trained(url, base, keys, models)
     finally:
         _say("stopping the server and its engine")
         server.send_signal(signal.SIGTERM)
