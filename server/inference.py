@@ -167,8 +167,14 @@ async def handle(request: Request, gateway: Gateway, path: str) -> Response:
     except httpx.HTTPError as exc:
         failure = proxy.classify(exc, engine)
         outcome.status, outcome.error = failure.status, failure.reason
-        outcome.finish()
         raise failure from exc
+    except ValueError as exc:  # a 200 whose body is not JSON
+        outcome.status, outcome.error = 502, "engine_error"
+        raise proxy.UpstreamFailure(
+            502, "The model engine answered with a malformed body.", "engine_error"
+        ) from exc
+    finally:
+        outcome.finish()  # idempotent; settles the tenant's limits on every path
 
 
 def _release(engine: Engine, target: proxy.Target, outcome: proxy.Outcome) -> None:

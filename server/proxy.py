@@ -63,10 +63,6 @@ class Usage:
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
-UsageSink = Callable[[Target, Usage], None]
-"""Called once per request with the engine's usage figures (metrics, billing)."""
-
-
 @dataclass
 class Outcome:
     """What happened, for the caller's metrics; filled in as the response is sent."""
@@ -79,6 +75,9 @@ class Outcome:
     on_finish: list[Callable[[Outcome], None]] = field(default_factory=list)
 
     def finish(self) -> None:
+        """Run the callbacks once (they settle limits and counters), whichever path ends first."""
+        if self.finished_at is not None:
+            return
         self.finished_at = time.perf_counter()
         for callback in self.on_finish:
             callback(self)

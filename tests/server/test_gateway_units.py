@@ -83,3 +83,12 @@ def test_ttl_cache_reloads_after_expiry() -> None:
         return [*first, await cache.get("k", load)]
 
     assert asyncio.run(scenario()) == [1, 1, 2]
+
+
+def test_outcome_settles_once_whichever_path_finishes_it() -> None:
+    calls: list[int] = []
+    outcome = Outcome(on_finish=[lambda o: calls.append(o.status)])
+    outcome.status = 200
+    outcome.finish()
+    outcome.finish()
+    assert calls == [200]
