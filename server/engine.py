@@ -89,8 +89,6 @@ def engine_command(settings: Settings, port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
-        "--api-key",
-        settings.ensure_engine_key(),
         "--dtype",
         settings.engine_dtype,
         "--max-model-len",
@@ -126,7 +124,9 @@ def resolver_environment(
 
 
 def engine_environment(settings: Settings, resolver: dict[str, str]) -> dict[str, str]:
-    env = {**os.environ, **resolver}
+    # The internal key goes in the environment, not on the command line, where any
+    # local user could read it with `ps`.
+    env = {**os.environ, **resolver, "VLLM_API_KEY": settings.ensure_engine_key()}
     # Runtime LoRA updating lets the resolver plugin and the gateway's pre-warm
     # load adapters; the engine's port is loopback-only and key-protected, so
     # users never reach those endpoints.
