@@ -112,6 +112,10 @@ class AdapterCache:
         when the fetch fails (the cache is left without any part of the entry).
         """
         _check_name(name)
+        with self._lock:
+            # Scan (and clear leftovers) before any fetch of ours starts, so the scan
+            # never mistakes a concurrent fetch's scratch files for leftovers.
+            self._index()
         with self._name_lock(name):
             was_held = self._hold(name)
             try:
