@@ -137,7 +137,7 @@ def _setup_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # httpx logs every health probe at INFO.
+    # httpx (used by some dependencies) logs every request at INFO.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

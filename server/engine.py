@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import httpx
+import aiohttp
 
 from server.config import Settings
 
@@ -136,13 +136,15 @@ def engine_environment(settings: Settings, resolver: dict[str, str]) -> dict[str
     return env
 
 
-async def probe(client: httpx.AsyncClient, engine: Engine, timeout: float = 2.0) -> bool:
+async def probe(client: aiohttp.ClientSession, engine: Engine, timeout: float = 2.0) -> bool:
     """One health check; vLLM's ``/health`` answers 200 once the model is loaded."""
     try:
-        response = await client.get(f"{engine.url}/health", timeout=timeout)
-    except httpx.HTTPError:
+        async with client.get(
+            f"{engine.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
         return False
-    return response.status_code == 200
 
 
 @dataclass
@@ -190,7 +192,7 @@ class EngineSupervisor:
             start_new_session=True,
         )
 
-    async def wait_healthy(self, client: httpx.AsyncClient, timeout: float) -> None:
+    async def wait_healthy(self, client: aiohttp.ClientSession, timeout: float) -> None:
         """Wait until the engine answers its health check; raise EngineStartError if it dies."""
         deadline = time.monotonic() + timeout
         started = time.monotonic()
@@ -210,7 +212,7 @@ class EngineSupervisor:
             await asyncio.sleep(0.5)
         raise EngineStartError(self.log_path, f"the engine was not healthy after {timeout:.0f} s")
 
-    async def run(self, client: httpx.AsyncClient) -> None:
+    async def run(self, client: aiohttp.ClientSession) -> None:
         """Start the engine and keep it running until stop(); restarts back off 1 s to 60 s."""
         backoff = 1.0
         while not self._stopping:
@@ -232,7 +234,7 @@ class EngineSupervisor:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
 
-    async def _watch(self, client: httpx.AsyncClient) -> None:
+    async def _watch(self, client: aiohttp.ClientSession) -> None:
         """Return when the engine process exits or stops answering health checks."""
         assert self.process is not None
         failures = 0

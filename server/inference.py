@@ -17,7 +17,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import aiohttp
 from fastapi import Request
 from starlette.responses import Response
 
@@ -156,15 +156,15 @@ async def handle(request: Request, gateway: Gateway, path: str) -> Response:
         raise
     engine.in_flight += 1
     outcome.on_finish.append(lambda _: _release(engine, target, outcome))
-    if upstream.status_code != 200:
-        outcome.status = upstream.status_code
+    if upstream.status != 200:
+        outcome.status = upstream.status
         outcome.finish()
         return await proxy.error_from_engine(upstream, target)
     if wants_stream:
         return proxy.stream(upstream, target, outcome, engine, bool(options.get("include_usage")))
     try:
         return await proxy.complete(upstream, target, outcome)
-    except httpx.HTTPError as exc:
+    except proxy.UpstreamError as exc:
         failure = proxy.classify(exc, engine)
         outcome.status, outcome.error = failure.status, failure.reason
         raise failure from exc
@@ -185,7 +185,7 @@ def _release(engine: Engine, target: proxy.Target, outcome: proxy.Outcome) -> No
 
 async def open_upstream(
     gateway: Gateway, candidates: list[Engine], path: str, body: dict[str, Any]
-) -> tuple[httpx.Response, Engine]:
+) -> tuple[aiohttp.ClientResponse, Engine]:
     """Send to the first engine that answers; fail over while no response has started."""
     assert gateway.client is not None
     last: proxy.UpstreamFailure | None = None

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from server.engine import Engine
@@ -92,15 +92,19 @@ class UpstreamFailure(APIError):
         self.reason = reason
 
 
-def classify(exc: httpx.HTTPError, engine: Engine) -> UpstreamFailure:
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+UpstreamError = (aiohttp.ClientError, TimeoutError)
+"""What talking to an engine can raise (aiohttp's client errors and its timeouts)."""
+
+
+def classify(exc: BaseException, engine: Engine) -> UpstreamFailure:
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return UpstreamFailure(
             503,
             "The model engine is not reachable right now; retry in a few seconds.",
             "engine_unavailable",
             retry_after=2,
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return UpstreamFailure(
             504, "The model engine did not answer in time.", "engine_timeout", retry_after=1
         )
@@ -110,55 +114,57 @@ def classify(exc: httpx.HTTPError, engine: Engine) -> UpstreamFailure:
 
 
 async def send(
-    client: httpx.AsyncClient, engine: Engine, path: str, body: dict[str, Any], engine_key: str
-) -> httpx.Response:
+    client: aiohttp.ClientSession,
+    engine: Engine,
+    path: str,
+    body: dict[str, Any],
+    engine_key: str,
+) -> aiohttp.ClientResponse:
     """Open the engine request (headers received, body still streaming) or raise UpstreamFailure."""
-    request = client.build_request(
-        "POST",
-        engine.url + path,
-        content=json.dumps(body, separators=(",", ":")).encode(),
-        headers={"authorization": f"Bearer {engine_key}", "content-type": "application/json"},
-    )
     try:
-        return await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        return await client.post(
+            engine.url + path,
+            data=json.dumps(body, separators=(",", ":")).encode(),
+            headers={"authorization": f"Bearer {engine_key}", "content-type": "application/json"},
+        )
+    except UpstreamError as exc:
         raise classify(exc, engine) from exc
 
 
-async def error_from_engine(upstream: httpx.Response, target: Target) -> Response:
+async def error_from_engine(upstream: aiohttp.ClientResponse, target: Target) -> Response:
     """Relay an engine's 4xx (already OpenAI-shaped); turn its 5xx into a 502.
 
     Engine-side adapter names never reach clients: they are replaced by the
     name the client asked for.
     """
     try:
-        content = await upstream.aread()
+        content = await upstream.read()
     finally:
-        await upstream.aclose()
+        upstream.release()
     if target.engine_model != target.requested_model:
         content = content.replace(
             target.engine_model.encode(), json.dumps(target.requested_model)[1:-1].encode()
         )
-    if 400 <= upstream.status_code < 500:
+    if 400 <= upstream.status < 500:
         try:
             payload = json.loads(content)
         except ValueError:
             payload = None
         if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-            return Response(content, upstream.status_code, media_type="application/json")
+            return Response(content, upstream.status, media_type="application/json")
         message = content.decode(errors="replace")[:500] or "request rejected by the engine"
-        return APIError(upstream.status_code, message).response()
+        return APIError(upstream.status, message).response()
     return UpstreamFailure(
-        502, f"The model engine answered with HTTP {upstream.status_code}.", "engine_status"
+        502, f"The model engine answered with HTTP {upstream.status}.", "engine_status"
     ).response()
 
 
-async def complete(upstream: httpx.Response, target: Target, outcome: Outcome) -> Response:
+async def complete(upstream: aiohttp.ClientResponse, target: Target, outcome: Outcome) -> Response:
     """A non-streaming answer: read it whole, echo the requested model name, note usage."""
     try:
-        content = await upstream.aread()
+        content = await upstream.read()
     finally:
-        await upstream.aclose()
+        upstream.release()
     outcome.first_byte_at = time.perf_counter()
     payload = json.loads(content)
     outcome.usage = Usage.of(payload)
@@ -175,7 +181,7 @@ async def complete(upstream: httpx.Response, target: Target, outcome: Outcome) -
 
 
 def stream(
-    upstream: httpx.Response,
+    upstream: aiohttp.ClientResponse,
     target: Target,
     outcome: Outcome,
     engine: Engine,
@@ -190,7 +196,7 @@ def stream(
 
 
 async def _relay(
-    upstream: httpx.Response,
+    upstream: aiohttp.ClientResponse,
     target: Target,
     outcome: Outcome,
     engine: Engine,
@@ -199,7 +205,7 @@ async def _relay(
     rename = _renamer(target)
     buffer = b""
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.content.iter_any():
             buffer += chunk
             # Relay whole SSE events only, so an event is never split mid-rewrite.
             cut = buffer.rfind(b"\n\n")
@@ -213,12 +219,12 @@ async def _relay(
                 yield rename(out)
         if buffer.strip():
             yield rename(buffer)
-    except httpx.HTTPError as exc:
+    except UpstreamError as exc:
         failure = classify(exc, engine)
         outcome.error = failure.reason
         yield b"data: " + json.dumps(failure.body()).encode() + b"\n\n"
     finally:
-        await upstream.aclose()
+        upstream.release()
         outcome.finish()
 
 

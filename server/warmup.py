@@ -13,8 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+import aiohttp
 import anyio.from_thread
-import httpx
 
 from registry import RegistryError
 from server.engine import Engine
@@ -26,7 +26,7 @@ log = logging.getLogger("loraplex.warmup")
 
 
 async def prewarm(
-    client: httpx.AsyncClient, engines: list[Engine], engine_name: str, engine_key: str
+    client: aiohttp.ClientSession, engines: list[Engine], engine_name: str, engine_key: str
 ) -> list[str]:
     """Load ``engine_name`` on every given healthy engine; the engines where it failed."""
     targets = [e for e in engines if e.healthy]
@@ -34,40 +34,40 @@ async def prewarm(
     return [e.url for e, ok in zip(targets, results, strict=True) if not ok]
 
 
-async def _warm(client: httpx.AsyncClient, engine: Engine, engine_name: str, key: str) -> bool:
+async def _warm(client: aiohttp.ClientSession, engine: Engine, engine_name: str, key: str) -> bool:
     try:
-        response = await client.post(
+        async with client.post(
             f"{engine.url}/v1/completions",
             json={"model": engine_name, "prompt": " ", "max_tokens": 1},
             headers={"authorization": f"Bearer {key}"},
-            timeout=120,
-        )
-    except httpx.HTTPError as exc:
+            timeout=aiohttp.ClientTimeout(total=120),
+        ) as response:
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("pre-warm of %s on %s failed: %s", engine_name, engine.url, exc)
         return False
-    if response.status_code != 200:
-        log.warning(
-            "pre-warm of %s on %s answered %d", engine_name, engine.url, response.status_code
-        )
+    if status != 200:
+        log.warning("pre-warm of %s on %s answered %d", engine_name, engine.url, status)
         return False
     engine.served(engine_name)
     return True
 
 
 async def unload(
-    client: httpx.AsyncClient, engines: list[Engine], engine_name: str, engine_key: str
+    client: aiohttp.ClientSession, engines: list[Engine], engine_name: str, engine_key: str
 ) -> None:
     """Drop ``engine_name`` from every engine that may hold it (best effort)."""
 
     async def one(engine: Engine) -> None:
         try:
-            await client.post(
+            async with client.post(
                 f"{engine.url}/v1/unload_lora_adapter",
                 json={"lora_name": engine_name},
                 headers={"authorization": f"Bearer {engine_key}"},
-                timeout=30,
-            )
-        except httpx.HTTPError as exc:
+                timeout=aiohttp.ClientTimeout(total=30),
+            ):
+                pass
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("unload of %s on %s failed: %s", engine_name, engine.url, exc)
         engine.resident.pop(engine_name, None)
 
