@@ -31,22 +31,39 @@ T = TypeVar("T")
 
 
 class TTLCache(Generic[T]):
-    """Values loaded on demand and kept for ``ttl`` seconds; bounded in size."""
+    """Values loaded on demand and kept for ``ttl`` seconds; bounded in size.
+
+    Concurrent misses for one key share a single load, so an expiring entry
+    under load costs one database query, not one per waiting request.
+    """
 
     def __init__(self, ttl: float, max_entries: int = 50_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: dict[object, tuple[float, T]] = {}
+        self._loading: dict[object, asyncio.Future[T]] = {}
 
     async def get(self, key: object, load: Callable[[], Awaitable[T]]) -> T:
-        now = time.monotonic()
         hit = self._entries.get(key)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        value = await load()
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            value = await load()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        finally:
+            del self._loading[key]
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # rare; a cold second is cheaper than LRU bookkeeping
-        self._entries[key] = (now + self.ttl, value)
+        self._entries[key] = (time.monotonic() + self.ttl, value)
+        future.set_result(value)
         return value
 
 

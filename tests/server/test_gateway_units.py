@@ -92,3 +92,40 @@ def test_outcome_settles_once_whichever_path_finishes_it() -> None:
     outcome.finish()
     outcome.finish()
     assert calls == [200]
+
+
+def test_ttl_cache_shares_one_load_among_concurrent_misses() -> None:
+    calls = 0
+
+    async def load() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return 7
+
+    async def scenario() -> list[int]:
+        cache: TTLCache[int] = TTLCache(ttl=10)
+        return list(await asyncio.gather(*(cache.get("k", load) for _ in range(20))))
+
+    assert asyncio.run(scenario()) == [7] * 20
+    assert calls == 1
+
+
+def test_ttl_cache_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
+    async def boom() -> int:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("db down")
+
+    async def ok() -> int:
+        return 1
+
+    async def scenario() -> tuple[list[object], int]:
+        cache: TTLCache[int] = TTLCache(ttl=10)
+        results = await asyncio.gather(
+            *(cache.get("k", boom) for _ in range(3)), return_exceptions=True
+        )
+        return list(results), await cache.get("k", ok)
+
+    results, after = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert after == 1
