@@ -54,26 +54,11 @@ class RegistryBenchConfig:
 
 def build_base(dest: Path) -> Path:
     """A random Llama (hidden 1024, 4 layers) big enough to pin a 100 MB adapter."""
+    from tests.registry.registry_testdata import build_tiny_base
+
     if (dest / "config.json").is_file():
         return dest
-    import torch
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
-    vocab = {chr(ord("a") + i): i for i in range(26)}
-    Tokenizer(models.WordLevel(vocab, unk_token="a")).save(str(dest / "tokenizer.json"))
-    return dest
+    return build_tiny_base(dest, hidden=1024, intermediate=2816, layers=4, heads=16)
 
 
 def build_adapter(base: Path, dest: Path, rank: int) -> Path:

@@ -21,19 +21,21 @@ BASE_NAME = "tiny-llama"
 BASE_REVISION = "r1"
 
 
-def build_tiny_base(dest: Path) -> Path:
-    """A random LlamaForCausalLM (hidden 128, 2 layers, 2 heads, vocab 256), safetensors."""
+def build_tiny_base(
+    dest: Path, *, hidden: int = 128, intermediate: int = 256, layers: int = 2, heads: int = 2
+) -> Path:
+    """A random LlamaForCausalLM (default hidden 128, 2 layers, 2 heads, vocab 256), safetensors."""
     import torch
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         vocab_size=256,
         max_position_embeddings=256,
     )
