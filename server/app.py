@@ -29,7 +29,7 @@ from registry import Registry
 from server import inference, proxy
 from server.config import Settings
 from server.engine import Engine, EngineSupervisor, probe
-from server.errors import APIError
+from server.errors import APIError, install_api_error_handler
 from server.jobs_api import router as jobs_router
 from server.metrics import Metrics
 from server.registry_api import router as registry_router
@@ -207,9 +207,7 @@ async def _export_engine_state(gateway: Gateway) -> None:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
-        return exc.response()
+    install_api_error_handler(app)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -227,7 +225,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error", exc_info=exc)
         return APIError(500, "Internal error in the gateway; it has been logged.").response()
 
-    app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)

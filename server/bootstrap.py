@@ -49,9 +49,7 @@ def served_base_fingerprint(settings: Settings, registry: Registry) -> str:
 
 def external_engines(settings: Settings) -> list[Engine]:
     """Engines from ``engine_urls``; all serve the gateway's base model."""
-    return [
-        Engine(url.rstrip("/"), settings.resolved_served_model_name) for url in settings.engine_urls
-    ]
+    return [Engine(url.rstrip("/")) for url in settings.engine_urls]
 
 
 def local_supervisors(settings: Settings, base_fingerprint: str) -> list[EngineSupervisor]:

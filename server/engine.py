@@ -36,9 +36,6 @@ class Engine:
     url: str
     """Base URL, e.g. ``http://127.0.0.1:8100``."""
 
-    served_model_name: str
-    """The base model's name on that engine (vLLM ``--served-model-name``)."""
-
     healthy: bool = False
     """Whether the last health check passed; unhealthy engines get no traffic."""
 
@@ -164,9 +161,7 @@ class EngineSupervisor:
 
     def __post_init__(self) -> None:
         self.engine = Engine(
-            f"http://127.0.0.1:{self.port}",
-            self.settings.resolved_served_model_name,
-            base_fingerprint=self.base_fingerprint,
+            f"http://127.0.0.1:{self.port}", base_fingerprint=self.base_fingerprint
         )
 
     @property

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 # HTTP status -> OpenAI error "type"; the SDK keys its exceptions on the status.
 _TYPES = {
@@ -79,3 +80,13 @@ def model_not_found(model: str) -> APIError:
         code="model_not_found",
         param="model",
     )
+
+
+async def _api_error_response(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+def install_api_error_handler(app: FastAPI) -> None:
+    """Answer every ``APIError`` raised in ``app`` with its OpenAI-shaped body."""
+    app.add_exception_handler(APIError, _api_error_response)

@@ -13,14 +13,14 @@ from typing import Any
 
 import openai
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
 from registry import Actor, BaseModelRecord, Registry
 from registry.jobs import JobStore
 from server import jobs_api
-from server.errors import APIError
+from server.errors import install_api_error_handler
 from tests.training import conftest as training_fixtures
 from tests.training.training_testdata import (
     FAST,
@@ -43,12 +43,7 @@ base = training_fixtures.base
 @pytest.fixture
 def http(registry: Registry) -> TestClient:
     app = FastAPI()
-
-    async def api_error(_: Request, exc: Exception) -> Any:
-        assert isinstance(exc, APIError)
-        return exc.response()
-
-    app.add_exception_handler(APIError, api_error)
+    install_api_error_handler(app)
     app.state.registry = registry
     app.state.max_training_file_bytes = 50_000
     app.include_router(jobs_api.router)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "registry"))
@@ -18,7 +18,7 @@ from registry_testdata import build_adapter, build_tiny_base
 
 from registry import Actor, LocalBlobStore, Registry, UploadLimits
 from server import registry_api
-from server.errors import APIError
+from server.errors import install_api_error_handler
 
 ROOT = Actor("test-root", admin=True)
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -45,12 +45,7 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 @pytest.fixture
 def client(registry: Registry) -> TestClient:
     app = FastAPI()
-
-    async def api_error(_: Request, exc: Exception) -> Any:
-        assert isinstance(exc, APIError)
-        return exc.response()
-
-    app.add_exception_handler(APIError, api_error)
+    install_api_error_handler(app)
     app.state.registry = registry
     app.include_router(registry_api.router)
     return TestClient(app)
