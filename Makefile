@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve test test-unit lint bench clean
+.PHONY: help install demo serve test test-unit lint bench reliability clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,10 @@ test-unit: install  ## fast tests only (no vLLM engine)
 
 bench: install  ## benchmarks side by side with peers; writes bench/results/ (numbers, never asserts)
 	bash bench/run.sh
+
+reliability: install  ## fuzzing, isolation probes, fault injection and load; writes docs/reliability.md
+	$(PY) -m pytest -m reliability $(PYTEST_ARGS); status=$$?; \
+	$(PY) -m tests.reliability && exit $$status
 
 clean:  ## remove the virtualenv and the embedded state under .loraplex/
 	rm -rf $(VENV) .loraplex .pytest_cache .mypy_cache .ruff_cache

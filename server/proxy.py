@@ -154,9 +154,26 @@ async def error_from_engine(upstream: aiohttp.ClientResponse, target: Target) ->
             return Response(content, upstream.status, media_type="application/json")
         message = content.decode(errors="replace")[:500] or "request rejected by the engine"
         return APIError(upstream.status, message).response()
+    if upstream.status == 503:
+        # The engine could not load the adapter right now (blob store down or slow,
+        # cache disk full): the client may retry, as vLLM's resolver message says.
+        return UpstreamFailure(
+            503, _engine_message(content), "adapter_unavailable", retry_after=2
+        ).response()
     return UpstreamFailure(
         502, f"The model engine answered with HTTP {upstream.status}.", "engine_status"
     ).response()
+
+
+def _engine_message(content: bytes) -> str:
+    try:
+        error = json.loads(content).get("error", {})
+        message = error.get("message") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        message = None
+    if isinstance(message, str) and message:
+        return message[:500]
+    return "The model engine cannot serve this model right now; retry in a few seconds."
 
 
 async def complete(upstream: aiohttp.ClientResponse, target: Target, outcome: Outcome) -> Response:

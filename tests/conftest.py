@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests import reliability
+
 _skipped: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):
+        reliability.reset()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
