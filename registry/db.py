@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -59,6 +59,23 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+MIGRATION_LOCK = 0x6C6F7261706C6578  # "loraplex": one PostgreSQL advisory lock id for all of us
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the database schema to the newest migration."""
-    command.upgrade(alembic_config(engine), "head")
+    """Bring the database schema to the newest migration.
+
+    On PostgreSQL the upgrade runs under an advisory lock: gateways, workers and
+    the migration Job may start together, and two concurrent ``alembic upgrade``
+    runs would race to create the same tables. The others wait, then find the
+    schema current. (SQLite serialises writers itself.)
+    """
+    if engine.dialect.name != "postgresql":
+        command.upgrade(alembic_config(engine), "head")
+        return
+    with engine.connect() as lock:
+        lock.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK})
+        try:
+            command.upgrade(alembic_config(engine), "head")
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK})

@@ -28,6 +28,7 @@ import router
 from registry import Registry
 from server import inference, proxy
 from server.config import Settings
+from server.discovery import DISCOVERY_INTERVAL, Discovery, diff
 from server.engine import Engine, EngineSupervisor, probe
 from server.errors import APIError, install_api_error_handler
 from server.jobs_api import router as jobs_router
@@ -63,6 +64,11 @@ class Gateway:
     @property
     def base_name(self) -> str:
         return self.settings.resolved_served_model_name
+
+    def add_engine(self, engine: Engine) -> None:
+        engine.base_fingerprint = engine.base_fingerprint or self.base_fingerprint
+        engine.resident_limit = self.settings.max_cpu_loras
+        self.engines.append(engine)
 
     def ready(self) -> bool:
         return any(engine.healthy for engine in self.engines)
@@ -119,10 +125,9 @@ def create_app(
     supervisors = supervisors or []
     if engines is None:
         engines = [s.engine for s in supervisors]
+    gateway = Gateway(settings, registry, base_fingerprint, [], supervisors)
     for engine in engines:
-        engine.base_fingerprint = engine.base_fingerprint or base_fingerprint
-        engine.resident_limit = settings.max_cpu_loras
-    gateway = Gateway(settings, registry, base_fingerprint, engines, supervisors)
+        gateway.add_engine(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,6 +136,9 @@ def create_app(
             tasks = [asyncio.create_task(s.run(client)) for s in supervisors]
             if not supervisors:
                 tasks.append(asyncio.create_task(_watch_engines(gateway, client)))
+            if settings.engine_discovery:
+                discovery = Discovery.parse(settings.engine_discovery)
+                tasks.append(asyncio.create_task(_discover_engines(gateway, discovery)))
             tasks.append(asyncio.create_task(_export_engine_state(gateway)))
             tasks.append(asyncio.create_task(gateway.usage.run()))
             try:
@@ -177,21 +185,46 @@ ENGINE_HEALTH = router.HealthConfig(eject_after=2, readmit_after=2, probe_interv
 
 async def _watch_engines(gateway: Gateway, client: aiohttp.ClientSession) -> None:
     """Health-check engines that ``serve`` did not start (their supervisor checks the others)."""
-    now = time.monotonic()
-    states = {
-        e.url: router.ReplicaHealth(ENGINE_HEALTH, now, healthy=False) for e in gateway.engines
-    }
+    states: dict[str, router.ReplicaHealth] = {}
     while True:
-        results = await asyncio.gather(*(probe(client, e) for e in gateway.engines))
+        engines = list(gateway.engines)  # discovery may change the list while we probe
+        results = await asyncio.gather(*(probe(client, e) for e in engines))
         now = time.monotonic()
-        for engine, ok in zip(gateway.engines, results, strict=True):
-            state = states[engine.url]
+        for url in states.keys() - {e.url for e in engines}:
+            del states[url]
+        for engine, ok in zip(engines, results, strict=True):
+            state = states.setdefault(
+                engine.url, router.ReplicaHealth(ENGINE_HEALTH, now, healthy=False)
+            )
             if not engine.healthy and state.healthy:
                 state.record_request(False, now)  # the proxy saw a connection fail
             if state.record_probe(ok, now) is not None:
                 log.warning("engine %s is now %s", engine.url, "up" if state.healthy else "down")
             engine.healthy = state.healthy
         await asyncio.sleep(ENGINE_HEALTH.probe_interval)
+
+
+async def _discover_engines(gateway: Gateway, discovery: Discovery) -> None:
+    """Follow the discovered engine list; a failed lookup keeps the last good one."""
+    while True:
+        try:
+            found = await discovery.urls()
+        except OSError as exc:
+            kept = len(gateway.engines)
+            log.warning("engine discovery failed (%s); keeping %d engines", exc, kept)
+        else:
+            change = diff([e.url for e in gateway.engines], found)
+            for url in change.added:
+                log.info("engine %s discovered", url)
+                gateway.add_engine(Engine(url))
+            if change.removed:
+                log.info("engines %s left the discovered list", ", ".join(change.removed))
+                gone = set(change.removed)
+                for engine in gateway.engines:
+                    if engine.url in gone:
+                        gateway.metrics.forget_engine(engine.name)
+                gateway.engines[:] = [e for e in gateway.engines if e.url not in gone]
+        await asyncio.sleep(DISCOVERY_INTERVAL)
 
 
 async def _export_engine_state(gateway: Gateway) -> None:

@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         registry = open_registry(settings)
         base_fingerprint = served_base_fingerprint(settings, registry)
-        if settings.engine_urls:
+        if settings.external_engines:
             app = create_app(
                 settings, registry, base_fingerprint, engines=external_engines(settings)
             )

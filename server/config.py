@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.discovery import Discovery, DiscoveryError
+
 ENV_PREFIX = "LORAPLEX_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's ``--max-lora-rank`` accepts."""
@@ -54,11 +56,16 @@ class Settings:
     engine_urls: list[str] = field(default_factory=list)
     """Comma-separated URLs of already-running vLLM engines. When set, ``serve`` starts none."""
 
+    engine_discovery: str = ""
+    """Find engines while running: ``dns://NAME:PORT`` (every address of a headless Service)
+    or ``file:///PATH`` (one URL per line), re-read every few seconds. ``serve`` starts none."""
+
     engine_port: int = 8100
     """First loopback port for engines that ``serve`` starts itself."""
 
     engine_replicas: int = 1
-    """Engines ``serve`` starts (ports ``engine_port`` upwards); ignored with ``engine_urls``."""
+    """Engines ``serve`` starts (ports ``engine_port`` upwards); none with ``engine_urls`` or
+    ``engine_discovery``."""
 
     engine_api_key: str = ""
     """Internal key between gateway and engines. Default: a fresh random key per start."""
@@ -135,6 +142,11 @@ class Settings:
     def resolved_served_model_name(self) -> str:
         return self.served_model_name or self.resolved_base_model.name
 
+    @property
+    def external_engines(self) -> bool:
+        """Whether engines run elsewhere (``engine_urls`` or ``engine_discovery``)."""
+        return bool(self.engine_urls or self.engine_discovery)
+
     def validate(self) -> None:
         problems: list[str] = []
 
@@ -172,6 +184,16 @@ class Settings:
                 "engine_urls",
                 f"{url!r} is not an http(s) URL",
             )
+        if self.engine_discovery:
+            check(
+                not self.engine_urls,
+                "engine_discovery",
+                "set engine_discovery or engine_urls, not both",
+            )
+            try:
+                Discovery.parse(self.engine_discovery)
+            except DiscoveryError as exc:
+                check(False, "engine_discovery", str(exc))
         check(
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",

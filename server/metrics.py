@@ -6,6 +6,8 @@ can create several apps in one process.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # `*_created` series double the exposition size and no dashboard of ours reads them.
@@ -73,3 +75,9 @@ class Metrics:
         self.in_flight = Gauge(
             "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
         )
+
+    def forget_engine(self, engine: str) -> None:
+        """Drop a departed engine's series, so dashboards stop showing it as down."""
+        for gauge in (self.engine_up, self.engine_restarts):
+            with contextlib.suppress(KeyError):
+                gauge.remove(engine)
