@@ -285,8 +285,17 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
             ],
         }
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    from server import openapi  # request-body schemas for the docs only: no validation here
+
+    limit = gateway.settings.max_tokens_limit
+    chat_body = openapi.chat_completions_body(gateway.base_name, limit)
+    app.add_api_route(
+        "/v1/chat/completions", chat_completions, methods=["POST"], openapi_extra=chat_body
+    )
+    completions_body = openapi.completions_body(gateway.base_name, limit)
+    app.add_api_route(
+        "/v1/completions", completions, methods=["POST"], openapi_extra=completions_body
+    )
     app.add_api_route("/v1/models", models, methods=["GET"])
 
 
