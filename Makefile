@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve test test-unit lint bench reliability clean
+.PHONY: help install demo fleet serve test test-unit lint bench reliability clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml deploy/install.sh
 
 demo: install  ## build the demo base, start the server, send requests with the openai client
 	$(PY) -m server.demo
+
+fleet: install  ## the production topology on loopback: 2 gateways, 2 engines, worker, PostgreSQL, S3
+	$(PY) -m server.fleet
 
 serve: install  ## run the gateway with one supervised engine (Ctrl-C stops both)
 	$(VENV)/bin/loraplex serve

@@ -8,6 +8,8 @@ functions (followed by ``(``), keywords nor parts of numbers.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any
 
 _STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
 _RANGE = re.compile(r"\[[^\]]*\]")
@@ -56,3 +58,13 @@ def grafana_query(query: str) -> str:
     if match is None:
         return query
     return match.group(1) or ""
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every variable query of a Grafana dashboard."""
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            yield panel["title"], target["expr"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            yield f"variable ${variable['name']}", grafana_query(variable["query"]["query"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from metric_catalog import (
     loraplex_metrics,
     vllm_metrics,
 )
-from promql import grafana_query, label_names, metric_names
+from promql import dashboard_queries, grafana_query, label_names, metric_names
 
 # Labels Prometheus adds to every series, and the histogram bucket label.
 TARGET_LABELS = frozenset({"instance", "job", "le"})
@@ -32,22 +31,12 @@ def exported() -> dict[str, Declared]:
     return exported_series(loraplex_metrics() + vllm_metrics())
 
 
-def queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(where, PromQL) for every panel target and every variable query."""
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            yield panel["title"], target["expr"]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            yield f"variable ${variable['name']}", grafana_query(variable["query"]["query"])
-
-
 def test_every_queried_metric_is_exported(
     dashboard: dict[str, Any], exported: dict[str, Declared]
 ) -> None:
     unknown = [
         f"{where}: {name}"
-        for where, expr in queries(dashboard)
+        for where, expr in dashboard_queries(dashboard)
         for name in sorted(metric_names(expr))
         if name not in exported and name not in PROMETHEUS_SERIES
     ]
@@ -59,7 +48,7 @@ def test_labels_on_loraplex_metrics_exist(
 ) -> None:
     """Where every metric of a query declares literal labels, the query uses only those."""
     wrong = []
-    for where, expr in queries(dashboard):
+    for where, expr in dashboard_queries(dashboard):
         metrics = [exported[n] for n in metric_names(expr) if n in exported]
         if not metrics or any(m.labels is None for m in metrics):
             continue  # vLLM computes its label lists; nothing static to compare with
@@ -70,7 +59,9 @@ def test_labels_on_loraplex_metrics_exist(
 
 def test_dashboard_covers_the_operations_views(dashboard: dict[str, Any]) -> None:
     """Per-tenant and per-adapter traffic, latency, errors, adapter cache, engine health."""
-    used = [(metric_names(expr), label_names(expr), expr) for _, expr in queries(dashboard)]
+    used = [
+        (metric_names(expr), label_names(expr), expr) for _, expr in dashboard_queries(dashboard)
+    ]
 
     def uses(metric: str, *labels: str, text: str = "") -> bool:
         return any(metric in m and set(labels) <= ls and text in e for m, ls, e in used)

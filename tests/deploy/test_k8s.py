@@ -32,6 +32,7 @@ from manifests import (
 )
 
 from server import vllm_plugin
+from server.discovery import Discovery
 
 KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
@@ -217,15 +218,19 @@ def test_only_the_gateway_reaches_engines(fleet: list[Obj]) -> None:
             assert rule.get("from"), f"{key(policy)} has a rule open to every source"
 
 
-def test_gateway_engine_urls_name_the_engine_service(fleet: list[Obj]) -> None:
+def test_gateway_discovers_every_ready_engine_pod_through_the_headless_service(
+    fleet: list[Obj],
+) -> None:
     config = named(fleet, "ConfigMap", "loraplex-config")["data"]
+    assert "LORAPLEX_ENGINE_URLS" not in config
+    discovery = Discovery.parse(config["LORAPLEX_ENGINE_DISCOVERY"])
+    assert discovery.scheme == "dns"
+    service = named(fleet, "Service", discovery.target)
+    assert service["spec"]["clusterIP"] == "None"  # headless: one DNS record per ready pod
+    assert not service["spec"].get("publishNotReadyAddresses", False)
+    assert discovery.port in {p["port"] for p in service["spec"]["ports"]}
     engines = component(fleet, "engine")
-    for url in config["LORAPLEX_ENGINE_URLS"].split(","):
-        match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
-        assert match, url
-        service = named(fleet, "Service", match[1])
-        assert int(match[2]) in {p["port"] for p in service["spec"]["ports"]}
-        assert any(selects(service["spec"]["selector"], pod_labels(w)) for w in engines)
+    assert engines and all(selects(service["spec"]["selector"], pod_labels(w)) for w in engines)
 
 
 def test_every_loraplex_variable_is_a_real_setting(fleet: list[Obj]) -> None:
