@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -73,8 +72,13 @@ class ServingMixin(Store):
         bundle = Path(tmp_name)
         try:
             self.blobs.fetch(found.blob_key, found.blob_sha256, bundle)
-            with contextlib.suppress(OSError):  # a concurrent fetch may have won the rename
+            try:
                 unpack_bundle(bundle, dest, found.blob_key)
+            except OSError:
+                # A concurrent fetch may have won the rename; anything else (a full disk)
+                # is this fetch's own error and must say so, not "could not unpack".
+                if not (dest / "adapter_model.safetensors").is_file():
+                    raise
         finally:
             bundle.unlink(missing_ok=True)
         if not (dest / "adapter_model.safetensors").is_file():
