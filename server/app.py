@@ -9,20 +9,24 @@ model name, token bounds) and answers everything else the engine says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import aiohttp
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import router
 from registry import Registry
@@ -38,6 +42,28 @@ from server.tenancy import REGISTRY_TTL, Caller, Tenancy, TTLCache, UsageBook
 from server.warmup import GatewayHooks
 
 log = logging.getLogger("loraplex.gateway")
+
+
+class GatewayApp(FastAPI):
+    """The FastAPI app, with the inference routes answered ahead of its routing and middleware.
+
+    Framework routing, middleware and request objects cost more CPU than the
+    rest of a proxied request, so POSTs to the two OpenAI inference paths go
+    straight to ``inference.serve`` with the raw ASGI scope. Everything else
+    (registry and jobs APIs, docs, ops routes, lifespan) is plain FastAPI.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hot_routes: dict[str, ASGIApp] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            hot = self.hot_routes.get(scope["path"])
+            if hot is not None:
+                await hot(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 @dataclass
@@ -150,7 +176,7 @@ def create_app(
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app = GatewayApp(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
     _install_error_handlers(app)
     _add_openai_routes(app, gateway)
@@ -267,14 +293,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
+    # Requests to these two reach `GatewayApp.hot_routes` first; FastAPI still lists them in
+    # the docs, and answers them the same way when the app is mounted under another one.
     async def chat_completions(request: Request) -> Response:
-        return await inference.handle(request, gateway, "/v1/chat/completions")
+        reply = await inference.handle(gateway, CHAT, request.scope, request.receive)
+        return _as_response(reply)
 
     async def completions(request: Request) -> Response:
-        return await inference.handle(request, gateway, "/v1/completions")
+        reply = await inference.handle(gateway, COMPLETIONS, request.scope, request.receive)
+        return _as_response(reply)
 
     async def models(request: Request) -> dict[str, Any]:
-        caller = await inference.authenticate(gateway, request)
+        caller = await inference.authenticate(gateway, request.headers.get("authorization", ""))
         names = [gateway.base_name, *await gateway.servable_adapters(caller.tenant_id)]
         created = int(gateway.started_at)
         return {
@@ -297,22 +327,51 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
         "/v1/completions", completions, methods=["POST"], openapi_extra=completions_body
     )
     app.add_api_route("/v1/models", models, methods=["GET"])
+    if isinstance(app, GatewayApp):
+        app.hot_routes[CHAT] = partial(inference.serve, gateway, CHAT)
+        app.hot_routes[COMPLETIONS] = partial(inference.serve, gateway, COMPLETIONS)
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def _as_response(reply: inference.Reply) -> Response:
+    """A hot-path reply wrapped for a FastAPI endpoint (the hot path itself sends it directly)."""
+    if isinstance(reply, Response):
+        return reply
+    return _ASGIResponse(reply)
+
+
+class _ASGIResponse(Response):
+    """A Starlette response that defers to any ASGI app; FastAPI returns it as is."""
+
+    def __init__(self, reply: inference.Reply) -> None:
+        self.reply = reply
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.reply(scope, receive, send)
 
 
 def record_metrics(
     m: Metrics, path: str, target: proxy.Target, outcome: proxy.Outcome, started: float
 ) -> None:
-    route = path.removeprefix("/v1/").replace("/", "_")
-    status = outcome.error or str(outcome.status or 500)
-    m.requests.labels(route, target.tenant, target.adapter, target.version, status).inc()
+    route = _ROUTE_LABELS.get(path) or path.removeprefix("/v1/").replace("/", "_")
+    status = outcome.error or _STATUS_LABELS.get(outcome.status) or str(outcome.status or 500)
+    m.requests_of(route, target.tenant, target.adapter, target.version, status).inc()
     end = outcome.finished_at or time.perf_counter()
-    m.latency.labels(route, target.tenant, target.adapter).observe(end - started)
+    m.latency_of(route, target.tenant, target.adapter).observe(end - started)
     if outcome.first_byte_at is not None:
-        m.ttft.labels(target.tenant, target.adapter).observe(outcome.first_byte_at - started)
+        m.ttft_of(target.tenant, target.adapter).observe(outcome.first_byte_at - started)
     if outcome.usage is not None:
         labels = (target.tenant, target.adapter, target.version)
-        m.tokens.labels(*labels, "prompt").inc(outcome.usage.prompt_tokens)
-        m.tokens.labels(*labels, "completion").inc(outcome.usage.completion_tokens)
+        m.tokens_of(*labels, "prompt").inc(outcome.usage.prompt_tokens)
+        m.tokens_of(*labels, "completion").inc(outcome.usage.completion_tokens)
+
+
+_ROUTE_LABELS = {CHAT: "chat_completions", COMPLETIONS: "completions"}
+_STATUS_LABELS = {200: "200"}
 
 
 # -- operations routes -----------------------------------------------------
@@ -335,3 +394,69 @@ def _add_ops_routes(app: FastAPI, gateway: Gateway) -> None:
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+
+
+# -- HTTP server -----------------------------------------------------------
+
+
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for the gateway: uvloop and httptools when installed, writes joined."""
+    http: type[asyncio.Protocol] | str = "auto"
+    with contextlib.suppress(ImportError):  # no httptools: uvicorn's h11 protocol, as it is
+        http = _joined_writes_protocol()
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        http=http,
+    )
+
+
+class JoinedWrites:
+    """A transport whose writes made in one event-loop turn leave in one ``send`` call.
+
+    uvicorn writes an answer's status line and headers, then its body: two
+    system calls, and on loopback each costs about as much CPU as the
+    gateway's own Python work for a request. Joined, an answer is one write;
+    data waits at most until the loop's next turn, so streams are not delayed.
+    Everything but ``write`` and ``close`` goes to the real transport.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(bytes(data))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _joined_writes_protocol() -> type[asyncio.Protocol]:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class JoinedWritesProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol writing through ``JoinedWrites``."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
+            joined = JoinedWrites(cast(asyncio.Transport, transport))
+            super().connection_made(cast(asyncio.Transport, joined))
+
+    return JoinedWritesProtocol

@@ -13,13 +13,14 @@ Each request goes through the same five steps:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from fastapi import Request
-from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 import router
 from server import proxy
@@ -30,12 +31,17 @@ from server.tenancy import Caller
 if TYPE_CHECKING:
     from server.app import Gateway
 
+log = logging.getLogger("loraplex.gateway")
+
 CHARS_PER_TOKEN_ESTIMATE = 3
 """Prompt tokens are charged up front as characters / 3 (settled with the engine's count)."""
 
+Reply = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""An answer, as a small ASGI app (a response object, ``proxy.Answer`` or ``proxy.Relay``)."""
 
-async def authenticate(gateway: Gateway, request: Request) -> Caller:
-    header = request.headers.get("authorization", "")
+
+async def authenticate(gateway: Gateway, header: str) -> Caller:
+    """The tenant behind an ``Authorization`` header value, or the 401/403 APIError."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(
@@ -128,12 +134,40 @@ def place(gateway: Gateway, base_fingerprint: str, target: proxy.Target) -> list
         ) from None
 
 
-async def handle(request: Request, gateway: Gateway, path: str) -> Response:
+async def serve(gateway: Gateway, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """ASGI entry of an inference route: the answer, or the error in OpenAI's shape.
+
+    The gateway app calls this before its framework routing and middleware,
+    which cost more CPU than the rest of the request on the hot path.
+    """
+    try:
+        reply = await handle(gateway, path, scope, receive)
+    except APIError as exc:
+        reply = exc.response()
+    except Exception as exc:
+        log.exception("unhandled error", exc_info=exc)
+        reply = APIError(500, "Internal error in the gateway; it has been logged.").response()
+    await reply(scope, receive, send)
+
+
+def request_headers(scope: Scope) -> tuple[str, str]:
+    """(authorization, content-length) from the ASGI scope (names arrive lower-cased)."""
+    authorization = length = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"content-length":
+            length = value
+    return authorization.decode("latin-1"), length.decode("latin-1")
+
+
+async def handle(gateway: Gateway, path: str, scope: Scope, receive: Receive) -> Reply:
     """One OpenAI inference request, start to finish."""
     settings = gateway.settings
     started = time.perf_counter()
-    caller = await authenticate(gateway, request)
-    body = await read_json(request, settings.max_request_bytes)
+    authorization, declared = request_headers(scope)
+    caller = await authenticate(gateway, authorization)
+    body = await read_json(receive, declared, settings.max_request_bytes)
     check_bounds(body, settings.max_tokens_limit)
     target, base_fingerprint = await resolve(gateway, caller, body)
     admission = await admit(gateway, caller, body)
@@ -194,10 +228,10 @@ async def open_upstream(
             upstream = await proxy.send(
                 gateway.client, engine, path, body, gateway.settings.ensure_engine_key()
             )
-            gateway.metrics.engine_requests.labels(engine.name).inc()
+            gateway.metrics.engine_requests_of(engine.name).inc()
             return upstream, engine
         except proxy.UpstreamFailure as failure:
-            gateway.metrics.upstream_errors.labels(engine.name, failure.reason).inc()
+            gateway.metrics.upstream_errors_of(engine.name, failure.reason).inc()
             last = failure
             if failure.status == 504:
                 break  # a timed-out generation is not repeated elsewhere: it would double the wait
@@ -208,20 +242,25 @@ async def open_upstream(
     raise last
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_json(receive: Receive, declared: str, limit: int) -> dict[str, Any]:
     """The request body as a JSON object, refusing bodies over ``limit`` bytes (413)."""
-    declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is {declared} bytes; the limit is {limit}.")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise APIError(400, "The client disconnected before sending the whole body.")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise APIError(413, f"Request body exceeds the limit of {limit} bytes.")
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
     except ValueError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc}.") from exc
     if not isinstance(body, dict):

@@ -7,6 +7,7 @@ can create several apps in one process.
 from __future__ import annotations
 
 import contextlib
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -17,6 +18,29 @@ disable_created_metrics()
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 )  # fmt: skip
+
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
+    """A metric's labelled children, kept once made.
+
+    ``metric.labels(...)`` validates and locks on every call; the hot path asks
+    for the same few label sets again and again, so a dict lookup answers it.
+    Only for metrics whose series are never removed (a removed child would
+    live on here, detached).
+    """
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._made: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._made.get(labels)
+        if child is None:
+            child = self._made[labels] = self.metric.labels(*labels)
+        return child
 
 
 class Metrics:
@@ -75,6 +99,14 @@ class Metrics:
         self.in_flight = Gauge(
             "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
         )
+
+        # Per-request series, through their children caches.
+        self.requests_of = Children(self.requests)
+        self.latency_of = Children(self.latency)
+        self.ttft_of = Children(self.ttft)
+        self.tokens_of = Children(self.tokens)
+        self.engine_requests_of = Children(self.engine_requests)
+        self.upstream_errors_of = Children(self.upstream_errors)
 
     def forget_engine(self, engine: str) -> None:
         """Drop a departed engine's series, so dashboards stop showing it as down."""

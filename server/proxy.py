@@ -10,18 +10,26 @@ mid-stream, an error event that ends the stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
+import yarl
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from server.engine import Engine
 from server.errors import APIError
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+"""Compact JSON; one encoder reused (``json.dumps`` with options builds one per call)."""
 
 
 @dataclass
@@ -40,14 +48,15 @@ class Target:
     label: str = ""
     """How the version was chosen: production, canary, pinned or an alias name."""
 
-    def headers(self) -> dict[str, str]:
+    def headers(self) -> RawHeaders:
+        """The adapter headers of an answer, as ASGI raw headers."""
         if not self.adapter:
-            return {}
-        return {
-            "x-loraplex-adapter": self.adapter,
-            "x-loraplex-version": self.version,
-            "x-loraplex-route": self.label,
-        }
+            return []
+        return [
+            (b"x-loraplex-adapter", self.adapter.encode()),
+            (b"x-loraplex-version", self.version.encode()),
+            (b"x-loraplex-route", self.label.encode()),
+        ]
 
 
 @dataclass
@@ -113,6 +122,20 @@ def classify(exc: BaseException, engine: Engine) -> UpstreamFailure:
     )
 
 
+_urls: dict[tuple[str, str], yarl.URL] = {}
+"""Parsed engine URLs: aiohttp parses a string URL on every request otherwise."""
+
+
+def engine_url(engine: Engine, path: str) -> yarl.URL:
+    key = (engine.url, path)
+    url = _urls.get(key)
+    if url is None:
+        if len(_urls) > 4096:  # engines come and go with discovery; never grow unbounded
+            _urls.clear()
+        url = _urls[key] = yarl.URL(engine.url + path)
+    return url
+
+
 async def send(
     client: aiohttp.ClientSession,
     engine: Engine,
@@ -123,8 +146,8 @@ async def send(
     """Open the engine request (headers received, body still streaming) or raise UpstreamFailure."""
     try:
         return await client.post(
-            engine.url + path,
-            data=json.dumps(body, separators=(",", ":")).encode(),
+            engine_url(engine, path),
+            data=_encode(body).encode(),
             headers={"authorization": f"Bearer {engine_key}", "content-type": "application/json"},
         )
     except UpstreamError as exc:
@@ -176,8 +199,35 @@ def _engine_message(content: bytes) -> str:
     return "The model engine cannot serve this model right now; retry in a few seconds."
 
 
-async def complete(upstream: aiohttp.ClientResponse, target: Target, outcome: Outcome) -> Response:
-    """A non-streaming answer: read it whole, echo the requested model name, note usage."""
+class Answer:
+    """A whole answer as an ASGI app: status line, headers and body in two sends, nothing else.
+
+    Cheaper than a framework response object on the hot path: the headers are
+    built once, as bytes, and no background-task or charset logic runs.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: RawHeaders) -> None:
+        self.status = status
+        self.body = body
+        self.headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            *headers,
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+async def complete(upstream: aiohttp.ClientResponse, target: Target, outcome: Outcome) -> Answer:
+    """A non-streaming answer: read it whole, echo the requested model name, note usage.
+
+    The body is parsed only to check it and read its usage; the engine's bytes
+    are relayed, with the engine-side name replaced, instead of re-encoded.
+    """
     try:
         content = await upstream.read()
     finally:
@@ -185,16 +235,15 @@ async def complete(upstream: aiohttp.ClientResponse, target: Target, outcome: Ou
     outcome.first_byte_at = time.perf_counter()
     payload = json.loads(content)
     outcome.usage = Usage.of(payload)
-    if isinstance(payload, dict) and "model" in payload:
-        payload["model"] = target.requested_model
+    if target.engine_model != target.requested_model:
+        content = content.replace(_quoted(target.engine_model), _quoted(target.requested_model))
     outcome.status = 200
     outcome.finish()
-    return Response(
-        json.dumps(payload, separators=(",", ":")),
-        200,
-        media_type="application/json",
-        headers=target.headers(),
-    )
+    return Answer(200, content, target.headers())
+
+
+def _quoted(name: str) -> bytes:
+    return json.dumps(name).encode()
 
 
 def stream(
@@ -203,46 +252,86 @@ def stream(
     outcome: Outcome,
     engine: Engine,
     keep_usage_chunk: bool,
-) -> StreamingResponse:
+) -> Relay:
     outcome.status = 200
-    return StreamingResponse(
-        _relay(upstream, target, outcome, engine, keep_usage_chunk),
-        media_type="text/event-stream",
-        headers={**target.headers(), "cache-control": "no-cache"},
-    )
+    return Relay(upstream, target, outcome, engine, keep_usage_chunk)
 
 
-async def _relay(
-    upstream: aiohttp.ClientResponse,
-    target: Target,
-    outcome: Outcome,
-    engine: Engine,
-    keep_usage_chunk: bool,
-) -> AsyncIterator[bytes]:
-    rename = _renamer(target)
-    buffer = b""
-    try:
-        async for chunk in upstream.content.iter_any():
-            buffer += chunk
-            # Relay whole SSE events only, so an event is never split mid-rewrite.
-            cut = buffer.rfind(b"\n\n")
-            if cut < 0:
-                continue
-            events, buffer = buffer[: cut + 2], buffer[cut + 2 :]
-            out = _filter_events(events, outcome, keep_usage_chunk)
-            if out:
-                if outcome.first_byte_at is None:
-                    outcome.first_byte_at = time.perf_counter()
-                yield rename(out)
-        if buffer.strip():
-            yield rename(buffer)
-    except UpstreamError as exc:
-        failure = classify(exc, engine)
-        outcome.error = failure.reason
-        yield b"data: " + json.dumps(failure.body()).encode() + b"\n\n"
-    finally:
-        upstream.release()
-        outcome.finish()
+class Relay:
+    """A streamed answer as an ASGI app: engine events relayed as they arrive.
+
+    If the client goes away, the engine connection is closed at once (vLLM
+    then aborts the generation) instead of reading the stream to its end.
+    """
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        outcome: Outcome,
+        engine: Engine,
+        keep_usage_chunk: bool,
+    ) -> None:
+        self.upstream = upstream
+        self.target = target
+        self.outcome = outcome
+        self.engine = engine
+        self.keep_usage_chunk = keep_usage_chunk
+        self.client_gone = False
+        self.headers: RawHeaders = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            *target.headers(),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._watch(receive))
+        events = self.events()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            await events.aclose()  # releases the engine connection and settles the request
+
+    async def _watch(self, receive: Receive) -> None:
+        """Wait for the client to disconnect, then stop the engine's generation."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        self.upstream.close()
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        outcome = self.outcome
+        rename = _renamer(self.target)
+        buffer = b""
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                buffer += chunk
+                # Relay whole SSE events only, so an event is never split mid-rewrite.
+                cut = buffer.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                events, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                out = _filter_events(events, outcome, self.keep_usage_chunk)
+                if out:
+                    if outcome.first_byte_at is None:
+                        outcome.first_byte_at = time.perf_counter()
+                    yield rename(out)
+            if buffer.strip():
+                yield rename(buffer)
+        except UpstreamError as exc:
+            if self.client_gone:
+                outcome.error = "client_disconnected"
+                return
+            failure = classify(exc, self.engine)
+            outcome.error = failure.reason
+            yield b"data: " + json.dumps(failure.body()).encode() + b"\n\n"
+        finally:
+            self.upstream.release()
+            outcome.finish()
 
 
 # Only a chunk carrying a usage object is parsed; the rest pass as bytes.
