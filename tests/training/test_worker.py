@@ -10,17 +10,29 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from registry.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from registry import AdapterVersion, NotFound
+from registry.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    FineTuningJob,
+    JobStore,
+)
 from registry.models import utcnow
+from tests import reliability
 from tests.training.conftest import Bench
 from tests.training.training_testdata import FAST, fixed_answer_records, jsonl, preference_records
 from training.worker import TEST_SUITE
@@ -108,7 +120,9 @@ def test_a_crash_after_registration_is_finished_by_the_next_attempt(bench: Bench
     assert any(m.startswith("Resuming: version 1 is already registered") for m in messages)
 
 
-def _start_worker_process(bench: Bench, database_url: str, home: Path) -> subprocess.Popen[bytes]:
+def _start_worker_process(
+    bench: Bench, database_url: str, home: Path, args: tuple[str, ...] = ("--once",)
+) -> subprocess.Popen[bytes]:
     home.mkdir(parents=True, exist_ok=True)
     defaults = home / "defaults.json"
     defaults.write_text(json.dumps(FAST.to_json()))
@@ -121,7 +135,7 @@ def _start_worker_process(bench: Bench, database_url: str, home: Path) -> subpro
         "LORAPLEX_SERVED_MODEL_NAME": bench.base.name,
         "LORAPLEX_BASE_REVISION": bench.base.revision,
     }
-    command = [sys.executable, "-m", "server.worker_cli", "worker", "--once"]
+    command = [sys.executable, "-m", "server.worker_cli", "worker", *args]
     command += ["--heartbeat-interval", "0.2", "--defaults", str(defaults)]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
 
@@ -158,6 +172,141 @@ def test_killing_a_worker_mid_job_leaves_no_version_and_the_job_recovers(
     done = bench.job(job.id)
     assert done.status == SUCCEEDED and done.attempts == 2
     assert [v.number for v in bench.registry.list_versions(bench.tenant_id, "bot")] == [1]
+
+
+KILLS = 20
+
+
+def _kill_at_a_random_moment(
+    bench: Bench, database_url: str, home: Path, rng: random.Random, span: float
+) -> str:
+    """Start a worker, SIGKILL it at a random moment of its work; what it was doing then."""
+    # --stale-after 1: the next worker re-queues what this one held at once.
+    worker_id = f"doomed-{rng.randrange(1 << 30)}"
+    args = ("--stale-after", "1", "--max-attempts", "50", "--poll-interval", "0.2")
+    process = _start_worker_process(bench, database_url, home, (*args, "--worker-id", worker_id))
+    try:
+        deadline = time.monotonic() + 120
+        while not _running(bench, worker_id):
+            assert time.monotonic() < deadline, "no worker claimed a job within 120 s"
+            if process.poll() is not None or not _unfinished(bench):
+                return "idle"
+            time.sleep(0.05)
+        # Anywhere in the claimed job: preparing, training, evaluating, registering, promoting.
+        time.sleep(rng.uniform(0, span))
+        running = _running(bench, worker_id)
+        phase = _phase(bench, running[0]) if running else "between jobs"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        return phase
+    finally:
+        process.kill()
+
+
+def _running(bench: Bench, worker_id: str) -> list[FineTuningJob]:
+    """Jobs this worker holds now (not ones a killed worker left behind)."""
+    jobs = bench.store.list_jobs(bench.tenant_id, limit=100)
+    return [j for j in jobs if j.status == RUNNING and j.worker_id == worker_id]
+
+
+def _unfinished(bench: Bench) -> bool:
+    jobs = bench.store.list_jobs(bench.tenant_id, limit=100)
+    return any(j.status in (QUEUED, RUNNING) for j in jobs)
+
+
+def _phase(bench: Bench, job: FineTuningJob) -> str:
+    """Roughly where the job was (for the printed summary only)."""
+    if any(v.training_job == job.id for v in _versions(bench, job.adapter_name)):
+        return "registered, finishing"
+    return "training" if job.result is None else "evaluated, registering"
+
+
+def _versions(bench: Bench, adapter: str) -> list[AdapterVersion]:
+    """The adapter's versions; none before its first registration."""
+    try:
+        return bench.registry.list_versions(bench.tenant_id, adapter)
+    except NotFound:
+        return []
+
+
+def _half_registered(bench: Bench) -> list[str]:
+    """Versions lacking their blob, fingerprint, job success or eval results."""
+    jobs = {j.id: j for j in bench.store.list_jobs(bench.tenant_id, limit=100)}
+    problems = []
+    for adapter in bench.registry.list_adapters(bench.tenant_id):
+        for v in bench.registry.list_versions(bench.tenant_id, adapter.name):
+            label = f"{adapter.name}@{v.number}"
+            job = jobs.get(v.training_job or "")
+            evals = bench.registry.eval_results(bench.tenant_id, adapter.name, v.number)
+            if not bench.registry.blobs.exists(v.blob_key):
+                problems.append(f"{label}: blob missing")
+            if len(v.fingerprint) != 64:
+                problems.append(f"{label}: no fingerprint")
+            if job is None or job.status != SUCCEEDED:
+                problems.append(f"{label}: its job did not succeed")
+            if not any(r.suite == TEST_SUITE for r in evals):
+                problems.append(f"{label}: no eval results")
+    return problems
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_workers_killed_at_20_random_moments_leave_no_half_registered_version(
+    bench: Bench, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(20)
+    answers = ["Banana.", "Cherry.", "Kiwi.", "Mango."]
+
+    def submit(i: int) -> FineTuningJob:
+        records = fixed_answer_records(40, answers[i % 4])
+        return bench.submit(records, adapter=("bot", "helper")[i % 2], seed=i)
+
+    # One job run undisturbed says how long a job takes here: kills spread over that span.
+    jobs = [submit(0)]
+    started = time.monotonic()
+    bench.worker().run_once()
+    span = time.monotonic() - started
+    jobs += [submit(i) for i in range(1, 14)]
+    phases: list[str] = []
+    while len(phases) < KILLS and _unfinished(bench):
+        phases.append(
+            _kill_at_a_random_moment(bench, database_url, tmp_path / "home", rng, 1.25 * span)
+        )
+    # A last worker, left alone, finishes whatever the kills left behind.
+    finisher = bench.worker(JobStore(bench.registry, stale_after=0, max_attempts=50))
+    while finisher.run_once() is not None:
+        pass
+
+    final = [bench.job(j.id) for j in jobs]
+    unclean = [
+        j.id
+        for j in final
+        if not (j.status == SUCCEEDED and j.fine_tuned_model)
+        and not (j.status == FAILED and j.error and j.error.get("message"))
+    ]
+    half = _half_registered(bench)
+    versions_per_job = [
+        sum(v.training_job == j.id for v in _versions(bench, j.adapter_name))
+        for j in final
+        if j.status == SUCCEEDED
+    ]
+    reliability.record(
+        "faults",
+        f"training worker SIGKILLed at {len(phases)} random moments over {len(jobs)} jobs",
+        len(phases),
+        "kills",
+        len(half) + len(unclean) + sum(n != 1 for n in versions_per_job),
+        "half-registered versions or jobs not ended cleanly",
+    )
+    with capsys.disabled():
+        print(
+            f"\n[worker kills] one job takes {span:.1f} s; phases: {dict(Counter(phases))}; "
+            f"jobs: {dict(Counter(j.status for j in final))}, "
+            f"attempts {[j.attempts for j in final]}"
+        )
+    assert len(phases) == KILLS, f"the jobs finished after only {len(phases)} kills"
+    assert half == [] and unclean == []
+    assert versions_per_job and all(n == 1 for n in versions_per_job)
 
 
 def test_dpo_jobs_with_a_validation_file_and_a_schema(bench: Bench) -> None:
