@@ -348,7 +348,7 @@ def _event_cursor(after: str | None) -> int | None:
     if after is None:
         return None
     number = after.removeprefix("ftevent-")
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):  # int() refuses '¹', isdigit() does not
         raise APIError(400, f"after {after!r} is not an event id (ftevent-N)", param="after")
     return int(number)
 

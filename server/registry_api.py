@@ -10,8 +10,12 @@ dependency annotations of the route closures at definition time.
 """
 
 import contextlib
+import lzma
 import shutil
+import tarfile
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -262,7 +266,8 @@ def tenant_scope(
 
 
 def tenant_ref(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    # ASCII digits only: str.isdigit() also accepts '¹' or '²', which int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def admin_scope(
@@ -333,7 +338,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., Scope]) -> APIRouter:
         base: Annotated[str, Form(description="base name, name@revision or fingerprint")],
         description: Annotated[str | None, Form()] = None,
     ) -> dict[str, Any]:
-        with _tempdir() as tmp:
+        with _tempdir() as tmp, _corrupt_archive_is_422():
             source = _save_uploads(files, tmp, limit)
             version = call(
                 scope.registry.push_adapter,
@@ -434,6 +439,25 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., Scope]) -> APIRouter:
         return _listing([asdict(g) for g in gates])
 
     return routes
+
+
+CORRUPT_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError)
+"""What a truncated or corrupt zip/tar raises part-way through reading it."""
+
+
+@contextlib.contextmanager
+def _corrupt_archive_is_422() -> Iterator[None]:
+    """A damaged archive is the client's upload problem (422), not a server error."""
+    try:
+        yield
+    except CORRUPT_ARCHIVE as exc:
+        raise APIError(
+            422,
+            f"The uploaded archive is corrupt or truncated ({type(exc).__name__}: {exc}); "
+            "create it again and re-upload, or upload the adapter files themselves.",
+            code="adapter_rejected",
+            param="files",
+        ) from exc
 
 
 @contextlib.contextmanager
