@@ -80,6 +80,9 @@ class Gateway:
     placer: router.Placer = field(default_factory=router.Placer)
     limiter: router.Limiter = field(default_factory=router.Limiter)
     client: aiohttp.ClientSession | None = None
+    """For health probes and https engines."""
+    pool: proxy.EnginePool | None = None
+    """The hot path's own connections to plain-http engines."""
     started_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -159,6 +162,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with _client(settings) as client:
             gateway.client = client
+            pool = proxy.EnginePool(settings.upstream_connect_timeout, settings.upstream_timeout)
+            gateway.pool = pool
             tasks = [asyncio.create_task(s.run(client)) for s in supervisors]
             if not supervisors:
                 tasks.append(asyncio.create_task(_watch_engines(gateway, client)))
@@ -175,6 +180,7 @@ def create_app(
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                pool.close()
 
     app = GatewayApp(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
@@ -189,7 +195,7 @@ def create_app(
 
 
 def _client(settings: Settings) -> aiohttp.ClientSession:
-    """One pooled client for every engine hop (aiohttp: httpx cost more CPU in our profile)."""
+    """aiohttp, for health probes and https engines (the hot path uses ``proxy.EnginePool``)."""
     timeout = aiohttp.ClientTimeout(
         total=None,
         connect=settings.upstream_connect_timeout,

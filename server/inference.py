@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from starlette.types import Receive, Scope, Send
 
 import router
@@ -219,15 +218,14 @@ def _release(engine: Engine, target: proxy.Target, outcome: proxy.Outcome) -> No
 
 async def open_upstream(
     gateway: Gateway, candidates: list[Engine], path: str, body: dict[str, Any]
-) -> tuple[aiohttp.ClientResponse, Engine]:
+) -> tuple[proxy.Upstream, Engine]:
     """Send to the first engine that answers; fail over while no response has started."""
     assert gateway.client is not None
     last: proxy.UpstreamFailure | None = None
     for engine in candidates:
         try:
-            upstream = await proxy.send(
-                gateway.client, engine, path, body, gateway.settings.ensure_engine_key()
-            )
+            key = gateway.settings.ensure_engine_key()
+            upstream = await proxy.send(gateway.client, gateway.pool, engine, path, body, key)
             gateway.metrics.engine_requests_of(engine.name).inc()
             return upstream, engine
         except proxy.UpstreamFailure as failure:
