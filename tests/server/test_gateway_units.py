@@ -1,15 +1,29 @@
-"""Narrow unit tests of the gateway's own logic (no engine, no network)."""
+"""Narrow unit tests of the gateway's own logic (no engine; loopback sockets at most)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from server.app import JoinedWrites
+from server.engine import Engine
 from server.errors import APIError, model_not_found
 from server.inference import check_bounds, estimate_tokens
-from server.proxy import Outcome, Target, _filter_events, _renamer
+from server.metrics import Metrics
+from server.proxy import (
+    EngineDisconnected,
+    EnginePool,
+    EngineReadTimeout,
+    EngineUnreachable,
+    Outcome,
+    Target,
+    _filter_events,
+    _renamer,
+    classify,
+)
 from server.tenancy import TTLCache
 
 
@@ -129,3 +143,200 @@ def test_ttl_cache_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
     results, after = asyncio.run(scenario())
     assert all(isinstance(r, RuntimeError) for r in results)
     assert after == 1
+
+
+# -- the engine hop's own HTTP client, against scripted loopback servers ----------
+
+
+OK_BODY = b'{"model":"lx-1","usage":{"prompt_tokens":1,"completion_tokens":2}}'
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(OK_BODY),
+    OK_BODY,
+)
+
+
+class Scripted:
+    """A loopback HTTP server whose every request gets ``answer(writer)``; counts connections."""
+
+    def __init__(self, answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Engine:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return Engine(f"http://127.0.0.1:{port}")
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                self.requests.append(head + await reader.readexactly(length))
+                await self.answer(writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def answer_ok(writer: asyncio.StreamWriter) -> None:
+    writer.write(OK)
+
+
+async def test_pool_keeps_one_connection_alive_and_sends_one_request_each() -> None:
+    scripted = Scripted(answer_ok)
+    pool = EnginePool(connect_timeout=2, read_timeout=2)
+    async with scripted as engine:
+        for _ in range(3):
+            response = await pool.post(engine, "/v1/completions", b'{"a":1}', "secret")
+            assert response.status == 200
+            assert await response.read() == OK_BODY
+            response.release()
+    pool.close()
+    assert scripted.connections == 1
+    head, _, body = scripted.requests[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n")
+    assert b"authorization: Bearer secret" in head and b"content-length: 7" in head
+    assert body == b'{"a":1}'
+
+
+async def test_pool_resends_on_a_new_connection_when_the_engine_closed_an_idle_one() -> None:
+    async def answer_then_hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)  # keep-alive by HTTP/1.1 default, yet closed: an engine's idle timeout
+        await writer.drain()
+        writer.close()
+
+    scripted = Scripted(answer_then_hang_up)
+    pool = EnginePool(connect_timeout=2, read_timeout=2)
+    async with scripted as engine:
+        for _ in range(3):
+            response = await pool.post(engine, "/v1/completions", b"{}", "k")
+            assert await response.read() == OK_BODY
+            response.release()
+            await asyncio.sleep(0.05)  # the close reaches the pool's idle connection
+    pool.close()
+    assert scripted.connections == 3
+    assert len(scripted.requests) == 3
+
+
+async def test_refused_connection_is_unreachable_and_a_503() -> None:
+    scripted = Scripted(answer_ok)
+    async with scripted as engine:
+        pass  # closed: its port now refuses connections
+    with pytest.raises(EngineUnreachable) as info:
+        await EnginePool(connect_timeout=2, read_timeout=2).post(
+            engine, "/v1/completions", b"{}", "k"
+        )
+    failure = classify(info.value, engine)
+    assert (failure.status, failure.reason) == (503, "engine_unavailable")
+
+
+async def test_silent_engine_is_a_read_timeout_and_a_504() -> None:
+    async def never(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    pool = EnginePool(connect_timeout=2, read_timeout=0.2)
+    async with Scripted(never) as engine:
+        with pytest.raises(EngineReadTimeout) as info:
+            await pool.post(engine, "/v1/completions", b"{}", "k")
+    failure = classify(info.value, engine)
+    assert (failure.status, failure.reason) == (504, "engine_timeout")
+
+
+CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_streamed_chunks_arrive_one_by_one_not_buffered() -> None:
+    second = asyncio.Event()
+
+    async def stream(writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+        await second.wait()  # the second event is sent only once the first was read
+        writer.write(chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+
+    pool = EnginePool(connect_timeout=2, read_timeout=2)
+    async with Scripted(stream) as engine:
+        response = await pool.post(engine, "/v1/completions", b"{}", "k")
+        seen = []
+        async for data in response.content.iter_any():
+            seen.append(data)
+            second.set()
+        response.release()
+    pool.close()
+    assert seen == [b"data: 1\n\n", b"data: 2\n\n"]
+
+
+async def test_engine_hanging_up_mid_stream_is_an_error_not_an_end() -> None:
+    async def cut(writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+        await writer.drain()
+        writer.close()
+
+    pool = EnginePool(connect_timeout=2, read_timeout=2)
+    async with Scripted(cut) as engine:
+        response = await pool.post(engine, "/v1/completions", b"{}", "k")
+        with pytest.raises(EngineDisconnected) as info:
+            async for _ in response.content.iter_any():
+                pass
+        response.release()
+    assert classify(info.value, engine).status == 502
+
+
+class RecordingTransport:
+    """Records what reaches the socket layer, to count system-call writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"extra {name}"
+
+
+async def test_joined_writes_leave_once_per_loop_turn_and_before_a_close() -> None:
+    raw = RecordingTransport()
+    joined = JoinedWrites(raw)  # type: ignore[arg-type]
+    joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    joined.write(b"body")
+    assert raw.writes == []
+    await asyncio.sleep(0)
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    joined.write(b"last")
+    joined.close()
+    assert raw.writes[-1] == b"last" and raw.closed
+    assert joined.get_extra_info("peername") == "extra peername"
+
+
+def test_metric_children_are_made_once() -> None:
+    metrics = Metrics()
+    first = metrics.requests_of("completions", "acme", "", "", "200")
+    assert metrics.requests_of("completions", "acme", "", "", "200") is first
+    first.inc()
+    labels = {"route": "completions", "tenant": "acme", "adapter": "", "version": ""}
+    value = metrics.registry.get_sample_value(
+        "loraplex_requests_total", {**labels, "status": "200"}
+    )
+    assert value == 1
