@@ -540,6 +540,8 @@ class _Connection(asyncio.Protocol):
         self.received = False
         """Whether any byte of the current answer arrived."""
         self.keep_alive = False
+        self.framed = False
+        """Whether the current answer has a length or chunks (else it ends at the close)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -561,10 +563,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.response is not None:
-            self.response.fail(EngineDisconnected("the engine closed the connection"))
+        response = self.response
+        if response is None:
+            return
+        if response.status and not self.framed and exc is None:
+            response.finish()  # no length, not chunked: the body ends with the connection
+        else:
+            response.fail(EngineDisconnected("the engine closed the connection"))
 
     # httptools callbacks
+    def on_header(self, name: bytes, _: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
     def on_headers_complete(self) -> None:
         # Only valid inside the parser's callbacks, so noted here for `done`.
         self.keep_alive = self.parser.should_keep_alive()
@@ -582,6 +593,7 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes, read_timeout: float) -> EngineResponse:
         assert self.transport is not None
         self.received = False
+        self.framed = False
         self.response = EngineResponse(self, read_timeout)
         self.transport.write(request)
         return self.response

@@ -296,6 +296,19 @@ async def test_engine_hanging_up_mid_stream_is_an_error_not_an_end() -> None:
     assert classify(info.value, engine).status == 502
 
 
+async def test_an_answer_without_length_ends_with_the_connection() -> None:
+    async def unframed(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n" + OK_BODY)
+        await writer.drain()
+        writer.close()
+
+    pool = EnginePool(connect_timeout=2, read_timeout=2)
+    async with Scripted(unframed) as engine:
+        response = await pool.post(engine, "/v1/completions", b"{}", "k")
+        assert await response.read() == OK_BODY
+        response.release()
+
+
 class RecordingTransport:
     """Records what reaches the socket layer, to count system-call writes."""
 
