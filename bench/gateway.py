@@ -5,7 +5,8 @@ Per target: added latency p50/p99 at 1 closed-loop client; added p50/p99 at
 fixed offered rates (open loop, latency from the scheduled send time); maximum
 requests/s with 16, 64 and 256 closed-loop clients; the target's CPU seconds
 per request from /proc (all its processes); for 16 concurrent streams, added
-time to first byte and to the last event. The upstream is a stub
+time to first byte and to the last event, and the first byte of a lone stream. The upstream
+is a stub
 (``bench/stub_upstream.py``), so what is measured is the gateway alone.
 
 Run: ``.venv/bin/python -m bench.gateway [--quick]``; writes
@@ -85,6 +86,9 @@ def measure(target: targets.Running, config: GatewayBenchConfig) -> dict[str, An
     }
     streaming = replace(workload, stream=True)
     out["stream"] = _run(target, replace(base, workload=streaming, clients=config.stream_clients))
+    # One stream at a time: the gateway's own delay to the first byte, with no queueing
+    # behind other streams (at 16, the figure is mostly the wait for a CPU).
+    out["stream_1"] = _run(target, replace(base, workload=streaming, clients=1))
     return out
 
 
@@ -106,6 +110,9 @@ def added_figures(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, A
         stream, base = target["stream"], direct["stream"]
         figures[f"stream_ttfb_{key}"] = added(lat(stream, "ttfb"), lat(base, "ttfb"), key)
         figures[f"stream_last_{key}"] = added(lat(stream), lat(base), key)
+        if "stream_1" in target and "stream_1" in direct:
+            one, one_base = target["stream_1"], direct["stream_1"]
+            figures[f"stream_1_ttfb_{key}"] = added(lat(one, "ttfb"), lat(one_base, "ttfb"), key)
     return figures
 
 

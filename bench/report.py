@@ -67,6 +67,13 @@ def gateway_checks(gateway: dict[str, Any]) -> list[Check]:
             True,
             "ms",
         ),
+        Check(
+            "same, 1 stream at a time (no queueing) (p50)",
+            added.get("stream_1_ttfb_p50_ms"),
+            1.0,
+            True,
+            "ms",
+        ),
     ]
 
 
@@ -83,8 +90,9 @@ def gateway_section(gateway: dict[str, Any]) -> list[str]:
         "",
         "| target | version | max req/s (16 / 64 / 256 clients) | CPU µs/request | "
         "added p50 / p99 @1 client (ms) | added p50 / p99 @200 req/s | "
-        "added p50 / p99 @1,000 req/s | 16 streams: added TTFB p50 / last-event p50 (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "added p50 / p99 @1,000 req/s | 16 streams: added TTFB p50 / last-event p50 (ms) | "
+        "1 stream: added TTFB p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for head in gateway["headline"]:
         name = head["target"]
@@ -99,7 +107,8 @@ def gateway_section(gateway: dict[str, Any]) -> list[str]:
             f"| {name} | {run['version']} | {rps} | {_fmt(cpu, 0)} | "
             f"{_pair(added, 'closed_1')} | {_pair(added, 'open_200')} | "
             f"{_pair(added, 'open_1000')} | "
-            f"{_fmt(added.get('stream_ttfb_p50_ms'))} / {_fmt(added.get('stream_last_p50_ms'))} |"
+            f"{_fmt(added.get('stream_ttfb_p50_ms'))} / {_fmt(added.get('stream_last_p50_ms'))} | "
+            f"{_pair(added, 'stream_1_ttfb')} |"
         )
     lines += [
         "",
