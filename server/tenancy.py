@@ -12,12 +12,13 @@ second, not one write per request.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 import router
 from registry import Principal, Registry
@@ -28,6 +29,14 @@ REGISTRY_TTL = 0.5
 """Seconds a cached registry answer is trusted; half the 1 s freshness promise."""
 
 T = TypeVar("T")
+
+
+class _Miss(enum.Enum):
+    MISS = enum.auto()
+
+
+MISS: Final = _Miss.MISS
+"""What ``TTLCache.fresh`` answers for a key with no fresh value."""
 
 
 class TTLCache(Generic[T]):
@@ -42,6 +51,13 @@ class TTLCache(Generic[T]):
         self.max_entries = max_entries
         self._entries: dict[object, tuple[float, T]] = {}
         self._loading: dict[object, asyncio.Future[T]] = {}
+
+    def fresh(self, key: object) -> T | Literal[_Miss.MISS]:
+        """The cached value if still fresh, else ``MISS``: a hit with no coroutine to run."""
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return MISS
 
     async def get(self, key: object, load: Callable[[], Awaitable[T]]) -> T:
         hit = self._entries.get(key)
@@ -87,6 +103,9 @@ class Tenancy:
 
     async def caller(self, token: str) -> Caller | Principal | None:
         """The tenant behind a key, the bare principal for admin keys, None if invalid."""
+        hit = self._principals.fresh(token)  # the hot path: no closure, no second coroutine
+        if hit is not MISS:
+            return hit
 
         async def load() -> Caller | Principal | None:
             return await asyncio.to_thread(self._load_caller, token)
@@ -101,6 +120,10 @@ class Tenancy:
         return Caller(principal, principal.tenant_id, tenant.name)
 
     async def routing(self, tenant_id: int, adapter: str) -> router.RoutingView | None:
+        hit = self._routing.fresh((tenant_id, adapter))
+        if hit is not MISS:
+            return hit
+
         async def load() -> router.RoutingView | None:
             return await asyncio.to_thread(self._load_routing, tenant_id, adapter)
 
@@ -125,6 +148,10 @@ class Tenancy:
         return router.RoutingView(view.name, versions, aliases)
 
     async def limits(self, tenant_id: int) -> router.TenantLimits:
+        hit = self._limits.fresh(tenant_id)
+        if hit is not MISS:
+            return hit
+
         async def load() -> router.TenantLimits:
             stored = await asyncio.to_thread(self.registry.tenant_limits, tenant_id)
             return router.TenantLimits(

@@ -24,7 +24,7 @@ from server.proxy import (
     _renamer,
     classify,
 )
-from server.tenancy import TTLCache
+from server.tenancy import MISS, TTLCache
 
 
 @pytest.mark.parametrize(
@@ -353,3 +353,16 @@ def test_metric_children_are_made_once() -> None:
         "loraplex_requests_total", {**labels, "status": "200"}
     )
     assert value == 1
+
+
+async def test_fresh_answers_hits_without_loading_and_misses_once_expired() -> None:
+    cache: TTLCache[str] = TTLCache(ttl=0.05)
+    assert cache.fresh("k") is MISS
+
+    async def load() -> str:
+        return "v"
+
+    assert await cache.get("k", load) == "v"
+    assert cache.fresh("k") == "v"
+    await asyncio.sleep(0.06)
+    assert cache.fresh("k") is MISS
