@@ -11,6 +11,7 @@ import pytest
 from openai import OpenAI
 
 from registry import LocalBlobStore, Registry
+from tests import reliability
 from tests.e2e.conftest import ENGINE_ARGS, make_tenant
 from tests.e2e.serving import ServeProcess, free_port, metric_samples, wait_gone
 
@@ -25,6 +26,22 @@ def own_serve(demo_base: Path, tmp_path: Path) -> ServeProcess:
     return serve
 
 
+def _clean_engine_failure(outcome: BaseException | str) -> bool:
+    """An API error (a stream's error event included) that says the engine failed.
+
+    A dropped connection or a timeout is not clean: the client must be told, in
+    OpenAI's shape, and a stream must end with an error event.
+    """
+    if not isinstance(outcome, openai.APIError) or isinstance(outcome, openai.APIConnectionError):
+        return False
+    if isinstance(outcome, openai.APIStatusError):
+        code = outcome.response.json()["error"]["code"]
+        clean_code = code.startswith("engine_") or code == "no_engine"
+        return outcome.status_code in (502, 503, 504) and clean_code
+    return True
+
+
+@pytest.mark.reliability
 def test_killed_engine_fails_cleanly_restarts_and_leaves_no_orphans(
     own_serve: ServeProcess, base_name: str
 ) -> None:
@@ -70,22 +87,29 @@ def test_killed_engine_fails_cleanly_restarts_and_leaves_no_orphans(
     engine.kill()
     for t in threads:
         t.join(timeout=60)
-        assert not t.is_alive(), "a request hung after the engine died"
-
-    assert len(outcomes) == 2
-    for outcome in outcomes:
-        assert isinstance(outcome, openai.APIError), outcome
-        if isinstance(outcome, openai.APIStatusError):
-            assert outcome.status_code in (502, 503, 504)
-            assert outcome.response.json()["error"]["code"].startswith("engine_")
+    hung = sum(t.is_alive() for t in threads)
 
     # While it is down: a clean 503, not a hang.
-    with pytest.raises(openai.APIStatusError) as info:
+    try:
         client.completions.create(model=base_name, prompt="Hi", max_tokens=2)
-    assert info.value.status_code in (502, 503)
+        outcomes.append("served while the engine was down")
+    except BaseException as exc:
+        outcomes.append(exc)
 
     own_serve.wait_ready(timeout=600)
-    assert client.completions.create(model=base_name, prompt="Hi", max_tokens=2).choices
+    recovered = bool(client.completions.create(model=base_name, prompt="Hi", max_tokens=2).choices)
+    unclean = [o for o in outcomes if not _clean_engine_failure(o)]
+    reliability.record(
+        "faults",
+        "engine killed mid-stream and mid-request, then one request while it is down",
+        len(outcomes) + hung,
+        "requests",
+        hung + len(unclean) + (not recovered),
+        "hangs, unclean failures or no recovery",
+    )
+    assert hung == 0, "a request hung after the engine died"
+    assert len(outcomes) == 3 and unclean == [], outcomes
+    assert recovered
     restarts = metric_samples(own_serve.url, "loraplex_engine_restarts")
     assert [value for _, value in restarts] == [1.0]
 
