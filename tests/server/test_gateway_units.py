@@ -7,13 +7,17 @@ import json
 from collections.abc import Awaitable, Callable
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.responses import Response
 
-from server.app import JoinedWrites
+from server.app import JoinedWrites, _as_response
 from server.engine import Engine
 from server.errors import APIError, model_not_found
 from server.inference import check_bounds, estimate_tokens
 from server.metrics import Metrics
 from server.proxy import (
+    Answer,
     EngineDisconnected,
     EnginePool,
     EngineReadTimeout,
@@ -366,3 +370,18 @@ async def test_fresh_answers_hits_without_loading_and_misses_once_expired() -> N
     assert cache.fresh("k") == "v"
     await asyncio.sleep(0.06)
     assert cache.fresh("k") is MISS
+
+
+def test_hot_path_replies_also_serve_as_fastapi_responses() -> None:
+    """The FastAPI routes (docs, mounted apps) answer with the same replies as the hot path."""
+    app = FastAPI()
+
+    @app.post("/answer")
+    async def answer() -> Response:
+        return _as_response(Answer(200, b'{"ok":true}', [(b"x-loraplex-route", b"canary")]))
+
+    response = TestClient(app).post("/answer")
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+    assert response.headers["x-loraplex-route"] == "canary"
+    assert response.headers["content-length"] == "11"
