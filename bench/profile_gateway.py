@@ -55,6 +55,7 @@ def fold(lines: list[str]) -> tuple[int, Counter[str], Counter[str]]:
 LIBRARIES = (
     "httpcore",
     "httpx",
+    "aiohttp",
     "anyio",
     "starlette",
     "fastapi",
@@ -70,13 +71,26 @@ LIBRARIES = (
 """Where a sample's time is charged: the innermost frame from one of these."""
 
 
+SOCKET_WRITES = (
+    "selector_events.py:1057",
+    "_SelectorSocketTransport.write",
+    "JoinedWrites.flush",  # the gateway's answer to its client (server/app.py)
+    "_Connection.send",  # the request to the engine (server/proxy.py)
+    "StreamWriter._writelines",  # aiohttp's request write
+)
+"""Leaf frames that are a transport write: with uvloop the send system call runs inside them."""
+
+
 def category(frames: list[str]) -> str:
     """The bucket of one sampled stack: a kernel write, idle, or the innermost known library."""
     leaf = frames[-1]
-    if "selector_events.py:1057" in leaf or "_SelectorSocketTransport.write" in leaf:
+    if any(write in leaf for write in SOCKET_WRITES):
         return "socket write (syscall, runs loopback TCP)"
     if "selectors.py" in leaf:
         return "idle (epoll)"
+    if "Runner.run (asyncio/runners.py" in leaf:
+        # uvloop's loop is C: py-spy sees its epoll waits, socket reads and callbacks as this.
+        return "event loop in C (uvloop: epoll, socket reads, callbacks)"
     for frame in reversed(frames):
         for library in LIBRARIES:
             if f"({library}" in frame or f"/{library}" in frame:

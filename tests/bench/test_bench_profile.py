@@ -30,4 +30,8 @@ def test_library_buckets_charge_the_innermost_known_frame() -> None:
     assert list(shares) == sorted(shares, key=lambda k: -shares[k])
     assert category(["x (selectors.py:468)"]) == "idle (epoll)"
     assert category(["mystery (nowhere.py:1)"]) == "other"
+    assert category(["f (server/app.py:1)", "JoinedWrites.flush (server/app.py:447)"]) == (
+        "socket write (syscall, runs loopback TCP)"
+    )
+    assert category(["Runner.run (asyncio/runners.py:118)"]).startswith("event loop in C")
     assert by_library([]) == {}
