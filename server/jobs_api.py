@@ -23,7 +23,7 @@ import jsonschema
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel
 
-from registry import Principal, RegistryError
+from registry import Principal
 from registry.jobs import (
     FINE_TUNE_PURPOSE,
     FineTuningCheckpoint,
@@ -34,7 +34,7 @@ from registry.jobs import (
 )
 from server.auth import registry_of, require_tenant
 from server.errors import APIError, model_not_found
-from server.registry_api import api_error
+from server.registry_api import call as _call
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, Method, check_method, load_jsonl
 from training.hyperparameters import train_config
@@ -64,13 +64,6 @@ Store = Annotated[JobStore, Depends(job_store)]
 def _tenant_id(principal: Principal) -> int:
     assert principal.tenant_id is not None  # require_tenant guarantees it
     return principal.tenant_id
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except RegistryError as exc:
-        raise api_error(exc) from exc
 
 
 # -- shapes ------------------------------------------------------------------------
@@ -258,7 +251,7 @@ def _method_and_hyperparameters(body: JobBody) -> tuple[Method, dict[str, Any]]:
 def _check_file(store: JobStore, tenant_id: int, file_id: str, method: Method, param: str) -> None:
     record = _call(store.get_file, tenant_id, file_id)
     try:
-        check_method(load_jsonl(store.file_content(record), param), method, param)
+        check_method(load_jsonl(_call(store.file_content, record), param), method, param)
     except DatasetError as exc:
         raise APIError(400, str(exc), code="invalid_training_file", param=param) from exc
 

@@ -10,6 +10,7 @@ dependency annotations of the route closures at definition time.
 """
 
 import contextlib
+import logging
 import lzma
 import shutil
 import tarfile
@@ -21,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
 
@@ -62,6 +64,7 @@ _STATUS: list[tuple[type[RegistryError], int, str]] = [
 ]
 
 router = APIRouter(tags=["registry"])
+log = logging.getLogger("loraplex.registry_api")
 
 
 def api_error(exc: RegistryError) -> APIError:
@@ -72,11 +75,26 @@ def api_error(exc: RegistryError) -> APIError:
     return APIError(500, str(exc), code="registry_error")
 
 
+BLOB_STORE_ERRORS = (BotoCoreError, ClientError)
+"""What the S3 blob store raises when S3 is down or refuses a registry call."""
+
+
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)``, its registry and blob-store failures turned into OpenAI-shaped errors."""
     try:
         return fn(*args, **kwargs)
     except RegistryError as exc:
         raise api_error(exc) from exc
+    except BLOB_STORE_ERRORS as exc:
+        # The exception text names internal endpoints and buckets: logged, not returned.
+        log.warning("blob store failed in %s: %r", getattr(fn, "__name__", fn), exc)
+        raise APIError(
+            503,
+            f"The adapter store is unavailable right now ({type(exc).__name__}); "
+            "nothing changed, retry in a few seconds.",
+            code="blob_store_unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
 
 
 # -- JSON shapes ----------------------------------------------------------------

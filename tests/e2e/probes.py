@@ -1,9 +1,15 @@
-"""Shared checks for the fuzzing, isolation and secrets suites: OpenAI-shaped errors, tallies."""
+"""Shared parts of the fuzzing, isolation, secrets and limits suites.
+
+OpenAI-shaped error checks, probe tallies, and extra gateways on the session engine.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
+
+from tests.e2e.serving import ServeProcess
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
 VAGUE_MESSAGES = {"invalid request", "not found", "internal server error", "bad request"}
@@ -60,3 +66,14 @@ class Probes:
         if response.status_code != status:
             problem = f"status {response.status_code} != {status}: {response.text[:200]}"
         self.check(not problem, f"{what}: {problem}")
+
+
+def gateway_on_engine(
+    home: Path, engine_port: int, engine_key: str, args: list[str], env: dict[str, str]
+) -> ServeProcess:
+    """A started (not yet ready) ``loraplex serve`` in front of the session's running engine."""
+    return ServeProcess(
+        home,
+        args=["--engine-urls", f"http://127.0.0.1:{engine_port}", *args],
+        env={"LORAPLEX_ENGINE_API_KEY": engine_key, **env},
+    ).start()
