@@ -118,8 +118,9 @@ def _one_operation(http: httpx.Client, rng: random.Random) -> Outcome:
     name = rng.choice(ADAPTERS)
     roll = rng.random()
     if roll < 0.45:
-        op, response = "promote", http.post(
-            f"/v1/adapters/{name}/promote", json={"version": rng.randint(1, 3)}
+        op, response = (
+            "promote",
+            http.post(f"/v1/adapters/{name}/promote", json={"version": rng.randint(1, 3)}),
         )
     elif roll < 0.7:
         op, response = "rollback", http.post(f"/v1/adapters/{name}/rollback")
