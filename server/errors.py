@@ -7,12 +7,16 @@ exception class (``NotFoundError``, ``RateLimitError``...).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import exc as sql
 
 # HTTP status -> OpenAI error "type"; the SDK keys its exceptions on the status.
+log = logging.getLogger("loraplex.gateway")
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -82,11 +86,33 @@ def model_not_found(model: str) -> APIError:
     )
 
 
+REGISTRY_DOWN = (sql.OperationalError, sql.InterfaceError, sql.TimeoutError)
+"""What the database driver raises while the registry database is down, restarting or
+out of connections: a retryable condition, not a bug in the gateway."""
+
+
+def registry_unavailable() -> APIError:
+    return APIError(
+        503,
+        "The registry database is unavailable right now; retry in a few seconds.",
+        code="registry_unavailable",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _api_error_response(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
 
 
+async def _registry_down_response(_: Request, exc: Exception) -> Response:
+    log.warning("registry database unavailable: %s", type(exc).__name__)
+    return registry_unavailable().response()
+
+
 def install_api_error_handler(app: FastAPI) -> None:
-    """Answer every ``APIError`` raised in ``app`` with its OpenAI-shaped body."""
+    """Answer every ``APIError`` raised in ``app`` with its OpenAI-shaped body, and a
+    database outage with a retryable 503."""
     app.add_exception_handler(APIError, _api_error_response)
+    for error in REGISTRY_DOWN:
+        app.add_exception_handler(error, _registry_down_response)

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 import router
 from server import proxy
 from server.engine import Engine
-from server.errors import APIError, model_not_found
+from server.errors import REGISTRY_DOWN, APIError, model_not_found, registry_unavailable
 from server.tenancy import Caller
 
 if TYPE_CHECKING:
@@ -143,6 +143,9 @@ async def serve(gateway: Gateway, path: str, scope: Scope, receive: Receive, sen
         reply = await handle(gateway, path, scope, receive)
     except APIError as exc:
         reply = exc.response()
+    except REGISTRY_DOWN as exc:
+        log.warning("registry database unavailable: %s", type(exc).__name__)
+        reply = registry_unavailable().response()
     except Exception as exc:
         log.exception("unhandled error", exc_info=exc)
         reply = APIError(500, "Internal error in the gateway; it has been logged.").response()

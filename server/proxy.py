@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import time
@@ -33,6 +34,7 @@ except ImportError:  # uvicorn's optional parser; without it every engine hop us
     httptools = None  # type: ignore[assignment]
 
 RawHeaders = list[tuple[bytes, bytes]]
+log = logging.getLogger("loraplex.gateway")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 """Compact JSON; one encoder reused (``json.dumps`` with options builds one per call)."""
@@ -205,25 +207,18 @@ async def error_from_engine(upstream: Upstream, target: Target) -> Response:
         message = content.decode(errors="replace")[:500] or "request rejected by the engine"
         return APIError(upstream.status, message).response()
     if upstream.status == 503:
-        # The engine could not load the adapter right now (blob store down or slow,
-        # cache disk full): the client may retry, as vLLM's resolver message says.
-        return UpstreamFailure(
-            503, _engine_message(content), "adapter_unavailable", retry_after=2
-        ).response()
+        # The engine could not load the adapter right now (blob store down or slow, cache
+        # disk full). Its message names cache paths and the blob store: operators get it
+        # in the log, clients a plain retryable answer.
+        log.warning("engine could not serve %s: %s", target.requested_model, content[:500])
+        message = (
+            f"The model `{target.requested_model}` cannot be loaded right now; "
+            "retry in a few seconds."
+        )
+        return UpstreamFailure(503, message, "adapter_unavailable", retry_after=2).response()
     return UpstreamFailure(
         502, f"The model engine answered with HTTP {upstream.status}.", "engine_status"
     ).response()
-
-
-def _engine_message(content: bytes) -> str:
-    try:
-        error = json.loads(content).get("error", {})
-        message = error.get("message") if isinstance(error, dict) else None
-    except (ValueError, AttributeError):
-        message = None
-    if isinstance(message, str) and message:
-        return message[:500]
-    return "The model engine cannot serve this model right now; retry in a few seconds."
 
 
 class Answer:
