@@ -131,6 +131,16 @@ class LocalBlobStore:
         self._path(key).unlink(missing_ok=True)
 
 
+def _s3_client_config() -> Any:
+    """Bounded waits: botocore's defaults (60 s per read, retried) let a stalled store hold
+    the engine resolver's fetch threads for minutes, queueing every other cold load."""
+    from botocore.config import Config
+
+    return Config(
+        connect_timeout=5, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"}
+    )
+
+
 class S3BlobStore:
     """Blobs as objects in an S3 bucket (AWS or S3-compatible, e.g. SeaweedFS, MinIO)."""
 
@@ -150,7 +160,9 @@ class S3BlobStore:
         # A session of its own: boto3's default session keeps the first credentials it
         # resolved for the life of the process, whatever the environment says later.
         session = boto3.session.Session()
-        self.client = client or session.client("s3", endpoint_url=endpoint_url or None)
+        self.client = client or session.client(
+            "s3", endpoint_url=endpoint_url or None, config=_s3_client_config()
+        )
         # upload_file sends one PUT, or a multipart upload completed only after every part.
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold)
 
