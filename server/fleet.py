@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -267,7 +266,7 @@ class Fleet:
         """Until every gateway reports every engine healthy; raises with the logs if not."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            self._check_alive()
+            self.check_alive()
             healthy = [self.healthy_engines(g) for g in self.gateways]
             if all(h == len(self.engines) for h in healthy):
                 return
@@ -289,10 +288,20 @@ class Fleet:
         except (httpx.HTTPError, ValueError, KeyError):
             return -1
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         for proc in [*self.engines, *self.gateways, *([self.worker] if self.worker else [])]:
             if not proc.alive:
                 raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+
+    def create_tenant(self, name: str) -> str:
+        """A new tenant and an API key for it (the plaintext key)."""
+        registry = self.registry()
+        try:
+            tenant = registry.create_tenant(name, OPERATOR)
+            _, key = registry.create_api_key(tenant.id, TENANT_SCOPE, OPERATOR)
+        finally:
+            registry.close()
+        return key
 
     # -- looking and stopping -----------------------------------------------------
 
@@ -349,12 +358,7 @@ def _recreate_database(admin_url: str, name: str) -> None:
 
 def _try_it(fleet: Fleet) -> str:
     """A tenant key and the commands to try the fleet with."""
-    registry = fleet.registry()
-    try:
-        tenant = registry.create_tenant("fleet-demo", OPERATOR)
-        _, key = registry.create_api_key(tenant.id, TENANT_SCOPE, OPERATOR)
-    finally:
-        registry.close()
+    key = fleet.create_tenant("fleet-demo")
     gateway = fleet.gateways[0].url
     model = fleet.settings.resolved_served_model_name
     return (
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         gateways=args.gateways,
     )
     fleet = Fleet(config)
-    stop = _sigterm_as_interrupt()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"==> starting the fleet under {config.home} (logs in {config.home / 'logs'})")
         fleet.start(progress=True)
@@ -401,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {name:14} {where}")
         print("==> try it:\n    " + _try_it(fleet).replace("\n", "\n    "))
         print("==> Ctrl-C stops everything.", flush=True)
-        while not stop.is_set():
-            fleet._check_alive()
-            stop.wait(2)
+        while True:
+            fleet.check_alive()
+            time.sleep(2)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:
@@ -415,14 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sigterm_as_interrupt() -> threading.Event:
-    stop = threading.Event()
-
-    def handle(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    return stop
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the fleet the way Ctrl-C does, at any point
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,11 @@ from pathlib import Path
 import httpx
 import psutil
 
+from server.fleet import free_port as free_port  # re-exported for the e2e tests
+
 REPO = Path(__file__).resolve().parents[2]
 LOADER = Path(sys.executable).parent / "loraplex"
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -20,9 +20,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from registry import TENANT_SCOPE
 from server.demo import random_adapter, upload_and_promote
-from server.fleet import BUCKET, OPERATOR, Fleet, FleetConfig, Proc
+from server.fleet import BUCKET, Fleet, FleetConfig, Proc
 from tests.deploy.promql import dashboard_queries, metric_names
 from tests.e2e.serving import REPO, metric_samples
 from tests.registry.registry_testdata import drop_database
@@ -50,13 +49,7 @@ def fleet(demo_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def key(fleet: Fleet) -> str:
-    registry = fleet.registry()
-    try:
-        tenant = registry.create_tenant("fleet-tenant", OPERATOR)
-        _, plaintext = registry.create_api_key(tenant.id, TENANT_SCOPE, OPERATOR)
-    finally:
-        registry.close()
-    return plaintext
+    return fleet.create_tenant("fleet-tenant")
 
 
 def chat(gateway: Proc, key: str, model: str = ADAPTER) -> httpx.Response:
