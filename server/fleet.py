@@ -414,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nmake fleet: {exc}", file=sys.stderr)
         return 1
     finally:
+        # A second signal (an impatient Ctrl-C, a supervisor repeating SIGTERM) must not
+        # cut the shutdown short and leave engines behind; stop() is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\n==> stopping the fleet", flush=True)
         fleet.stop()
     return 0
