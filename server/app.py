@@ -283,7 +283,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else "invalid request"
+        problem = first.get("msg", "invalid value")
+        message = f"{where}: {problem}" if where else f"request body: {problem}"
         return APIError(400, message, param=where or None).response()
 
     async def unexpected(_: Request, exc: Exception) -> Response:

@@ -202,8 +202,17 @@ async def error_from_engine(upstream: Upstream, target: Target) -> Response:
             payload = json.loads(content)
         except ValueError:
             payload = None
-        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-            return Response(content, upstream.status, media_type="application/json")
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            # vLLM's errors carry "code": <HTTP status> and its own "type"; OpenAI's code is a
+            # string or null, so the error is re-shaped rather than relayed byte for byte.
+            code, param = error.get("code"), error.get("param")
+            return APIError(
+                upstream.status,
+                str(error.get("message") or "request rejected by the engine"),
+                code=code if isinstance(code, str) else None,
+                param=param if isinstance(param, str) else None,
+            ).response()
         message = content.decode(errors="replace")[:500] or "request rejected by the engine"
         return APIError(upstream.status, message).response()
     if upstream.status == 503:
