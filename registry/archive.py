@@ -165,7 +165,10 @@ def _tar_open(tar: tarfile.TarFile, info: tarfile.TarInfo) -> BinaryIO:
 def _zip_members(archive: zipfile.ZipFile) -> Iterator[Member]:
     for info in archive.infolist():
         mode = info.external_attr >> 16
-        kind = "dir" if info.is_dir() else _kind_from_mode(mode) if mode else "file"
+        # No file-type bits (only permissions, as Python's ZipFile.writestr and many
+        # Windows tools write): a regular file. Type bits saying link or device: refused.
+        typed = stat.S_IFMT(mode) != 0
+        kind = "dir" if info.is_dir() else _kind_from_mode(mode) if typed else "file"
         yield Member(info.filename, info.file_size, kind, partial(_zip_open, archive, info))
 
 

@@ -63,7 +63,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 def tenant_ref(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    # isascii: str.isdigit() also accepts digits such as "¹" that int() refuses.
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def _registry_command(handler: Callable[[Registry, argparse.Namespace], int]) -> Handler:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 
 from conftest import ADMIN
@@ -171,3 +172,21 @@ def test_upload_as_files_tar_and_zip_give_the_same_version(
         for source in (files, tar_path, zip_path, src)
     }
     assert numbers == {1}
+
+
+def test_zip_members_without_file_type_bits_are_regular_files(
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """``ZipFile.writestr(name, data)`` records permissions only; such members are files."""
+    assert tenant.id is not None
+    zip_path = tmp_path / "writestr.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for member in sorted(adapters["v1"].iterdir()):
+            archive.writestr(member.name, member.read_bytes())
+    assert {info.external_attr >> 16 for info in zipfile.ZipFile(zip_path).infolist()} == {0o600}
+    version = registry.push_adapter(tenant.id, "zipped", zip_path, BASE_NAME, ADMIN)
+    assert version.number == 1
