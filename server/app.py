@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -395,7 +396,13 @@ def _add_ops_routes(app: FastAPI, gateway: Gateway) -> None:
         body = {"ready": bool(healthy), "engines": len(gateway.engines), "engines_healthy": healthy}
         return JSONResponse(body, status_code=status)
 
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if not metrics_allowed(request, gateway.settings.metrics_token):
+            return APIError(
+                403,
+                "/metrics is served to loopback clients, or with the bearer token the "
+                "operator set in LORAPLEX_METRICS_TOKEN.",
+            ).response()
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/healthz", healthz, methods=["GET"])
@@ -467,3 +474,12 @@ def _joined_writes_protocol() -> type[asyncio.Protocol]:
             super().connection_made(cast(asyncio.Transport, joined))
 
     return JoinedWritesProtocol
+
+
+def metrics_allowed(request: Request, token: str) -> bool:
+    """Metrics labels name every tenant and adapter: not for whoever reaches the gateway."""
+    if token:
+        sent = request.headers.get("authorization", "")
+        return secrets.compare_digest(sent.encode(), f"Bearer {token}".encode())
+    host = request.client.host if request.client else ""
+    return host in ("127.0.0.1", "::1", "localhost")

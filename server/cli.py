@@ -92,7 +92,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     docs = field_docs()
     for f in dataclasses.fields(Settings):
         value = getattr(settings, f.name)
-        if f.name == "engine_api_key" and value:
+        if f.name in ("engine_api_key", "metrics_token") and value:
             value = "(set)"
         print(f"{env_name(f.name):34} {value!s:28} {docs.get(f.name, '')}")
     return 0

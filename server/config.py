@@ -70,6 +70,10 @@ class Settings:
     engine_api_key: str = ""
     """Internal key between gateway and engines. Default: a fresh random key per start."""
 
+    metrics_token: str = ""
+    """Bearer token ``/metrics`` requires (its labels name tenants and adapters). Empty: only
+    loopback clients may read it."""
+
     engine_start_timeout: float = 600.0
     """Seconds to wait for a started engine to report healthy before giving up."""
 

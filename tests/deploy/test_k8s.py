@@ -74,6 +74,23 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
                             "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
                             "scheme": {"enum": ["http", "https"]},
                             "scrapeTimeout": {"type": "string"},
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["credentials"],
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "credentials": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["name", "key"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "key": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
                         },
                         "required": ["port"],
                     },
@@ -127,6 +144,20 @@ def test_service_monitors_are_well_formed_and_select_a_port(fleet: list[Obj]) ->
         assert len(services) == 1, f"{key(monitor)} selects {[key(s) for s in services]}"
         ports = {p["name"] for p in services[0]["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+
+
+def test_prometheus_sends_the_token_the_gateway_requires_for_metrics(fleet: list[Obj]) -> None:
+    endpoint = named(fleet, "ServiceMonitor", "loraplex-gateway")["spec"]["endpoints"][0]
+    credentials = endpoint["authorization"]["credentials"]
+    gateway_env = {
+        e["name"]: e
+        for w in component(fleet, "gateway")
+        for c in containers(pod_spec(w))
+        for e in c.get("env", [])
+    }
+    ref = gateway_env["LORAPLEX_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (credentials["name"], credentials["key"])
+    assert credentials["key"] in named(fleet, "Secret", credentials["name"])["stringData"]
 
 
 def test_the_engine_monitor_scrapes_every_replica(fleet: list[Obj]) -> None:
