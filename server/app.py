@@ -35,6 +35,7 @@ from server import inference, proxy
 from server.config import Settings
 from server.discovery import DISCOVERY_INTERVAL, Discovery, diff
 from server.engine import Engine, EngineSupervisor, probe
+from server.engine_client import EnginePool
 from server.errors import APIError, install_api_error_handler
 from server.jobs_api import router as jobs_router
 from server.metrics import Metrics
@@ -82,7 +83,7 @@ class Gateway:
     limiter: router.Limiter = field(default_factory=router.Limiter)
     client: aiohttp.ClientSession | None = None
     """For health probes and https engines."""
-    pool: proxy.EnginePool | None = None
+    pool: EnginePool | None = None
     """The hot path's own connections to plain-http engines."""
     started_at: float = field(default_factory=time.time)
 
@@ -163,7 +164,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with _client(settings) as client:
             gateway.client = client
-            pool = proxy.EnginePool(settings.upstream_connect_timeout, settings.upstream_timeout)
+            pool = EnginePool(settings.upstream_connect_timeout, settings.upstream_timeout)
             gateway.pool = pool
             tasks = [asyncio.create_task(s.run(client)) for s in supervisors]
             if not supervisors:
@@ -196,7 +197,7 @@ def create_app(
 
 
 def _client(settings: Settings) -> aiohttp.ClientSession:
-    """aiohttp, for health probes and https engines (the hot path uses ``proxy.EnginePool``)."""
+    """aiohttp, for health probes and https engines (the hot path uses ``EnginePool``)."""
     timeout = aiohttp.ClientTimeout(
         total=None,
         connect=settings.upstream_connect_timeout,
@@ -256,6 +257,8 @@ async def _discover_engines(gateway: Gateway, discovery: Discovery) -> None:
                 for engine in gateway.engines:
                     if engine.url in gone:
                         gateway.metrics.forget_engine(engine.name)
+                        if gateway.pool is not None:
+                            gateway.pool.drop(engine.url)
                 gateway.engines[:] = [e for e in gateway.engines if e.url not in gone]
         await asyncio.sleep(DISCOVERY_INTERVAL)
 

@@ -13,15 +13,17 @@ from starlette.responses import Response
 
 from server.app import JoinedWrites, _as_response
 from server.engine import Engine
+from server.engine_client import (
+    EngineDisconnected,
+    EnginePool,
+    EngineReadTimeout,
+    EngineUnreachable,
+)
 from server.errors import APIError, model_not_found
 from server.inference import check_bounds, estimate_tokens
 from server.metrics import Metrics
 from server.proxy import (
     Answer,
-    EngineDisconnected,
-    EnginePool,
-    EngineReadTimeout,
-    EngineUnreachable,
     Outcome,
     Target,
     _filter_events,
