@@ -68,7 +68,7 @@ def table(records: list[Record]) -> str:
         "| area | check | tried | lost, leaked or failed |",
         "|---|---|---|---|",
     ]
-    for r in records:
+    for r in sorted(records, key=lambda r: r.area):  # stable: test order within an area
         lines.append(f"| {r.area} | {r.check} | {r.tried:,} {r.unit} | {r.bad} {r.bad_means} |")
     tried = sum(r.tried for r in records)
     bad = sum(r.bad for r in records)
