@@ -96,7 +96,8 @@ def _machine() -> str:
     except (ValueError, OSError):
         mem = 0.0
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return f"{stamp}, {cores} cores, {mem:.0f} GiB, `make reliability`"
+    run = os.environ.get("LORAPLEX_RELIABILITY_RUN", "`make reliability`")
+    return f"{stamp}, {cores} cores, {mem:.0f} GiB, {run}"
 
 
 def main() -> int:
