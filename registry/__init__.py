@@ -34,6 +34,7 @@ from registry.models import (
     Usage,
 )
 from registry.registry import Registry
+from registry.tenancy import tenant_ref
 from registry.values import (
     Actor,
     AliasTarget,
@@ -81,4 +82,5 @@ __all__ = [
     "VersionBlob",
     "engine_name",
     "open_blob_store",
+    "tenant_ref",
 ]

@@ -19,6 +19,14 @@ from registry.store import Store
 from registry.values import Actor, Principal, TenantLimits
 
 
+def tenant_ref(value: str) -> int | str:
+    """A tenant as typed in a URL or on a command line: an id if ASCII digits, else a name.
+
+    ``str.isdigit()`` alone also accepts digits such as '¹', which ``int()`` refuses.
+    """
+    return int(value) if value.isascii() and value.isdigit() else value
+
+
 class TenancyMixin(Store):
     """Tenants, limits, API keys and authentication, usage counters."""
 

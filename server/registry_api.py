@@ -47,6 +47,7 @@ from registry import (
     RegistryError,
     Tenant,
     TenantLimits,
+    tenant_ref,
 )
 from server.auth import registry_of, require_admin, require_tenant
 from server.errors import APIError
@@ -281,11 +282,6 @@ def tenant_scope(
 ) -> Scope:
     assert principal.tenant_id is not None
     return Scope(request, registry_of(request), principal.tenant_id, principal.actor)
-
-
-def tenant_ref(value: str) -> int | str:
-    # ASCII digits only: str.isdigit() also accepts '¹' or '²', which int() refuses.
-    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def admin_scope(

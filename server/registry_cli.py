@@ -22,6 +22,7 @@ from registry import (
     Registry,
     RegistryError,
     TenantLimits,
+    tenant_ref,
 )
 from server.config import add_settings_flags, load_settings
 
@@ -60,11 +61,6 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
-
-
-def tenant_ref(value: str) -> int | str:
-    # isascii: str.isdigit() also accepts digits such as "¹" that int() refuses.
-    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def _registry_command(handler: Callable[[Registry, argparse.Namespace], int]) -> Handler:

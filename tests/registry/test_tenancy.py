@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from conftest import ADMIN
 
-from registry import Conflict, InvalidLimits, InvalidRequest, NotFound, Registry, TenantLimits
+from registry import (
+    Conflict,
+    InvalidLimits,
+    InvalidRequest,
+    NotFound,
+    Registry,
+    TenantLimits,
+    tenant_ref,
+)
 
 
 def test_tenants_are_unique_and_carry_limits(registry: Registry) -> None:
@@ -73,3 +81,9 @@ def test_usage_upserts_daily_counters(registry: Registry) -> None:
     bot = rows[("bot", 1)]
     assert (bot.requests, bot.prompt_tokens, bot.completion_tokens) == (3, 30, 15)
     assert rows[("", 0)].prompt_tokens == 7
+
+
+def test_tenant_refs_are_ids_only_when_ascii_digits() -> None:
+    assert tenant_ref("42") == 42
+    assert tenant_ref("acme") == "acme"
+    assert tenant_ref("¹1") == "¹1"  # isdigit() alone would send this to int() and crash

@@ -145,11 +145,3 @@ def test_keys_and_bases_admin(cli: Cli, peft: dict[str, Path]) -> None:
     )
     assert cli.ok("bases", "list").splitlines()[1].split()[-1] == "deprecated"
     assert cli.ok("tenants", "limits", "acme", "--max-concurrent", "3").startswith("limits of acme")
-
-
-def test_tenant_refs_are_ids_only_when_ascii_digits() -> None:
-    from server.registry_cli import tenant_ref
-
-    assert tenant_ref("42") == 42
-    assert tenant_ref("acme") == "acme"
-    assert tenant_ref("¹1") == "¹1"  # isdigit() alone would send this to int() and crash
