@@ -37,7 +37,7 @@ from server.config import Settings
 from server.discovery import DISCOVERY_INTERVAL, Discovery, diff
 from server.engine import Engine, EngineSupervisor, probe
 from server.engine_client import EnginePool
-from server.errors import APIError, install_api_error_handler
+from server.errors import APIError, install_api_error_handler, unhandled_response
 from server.jobs_api import router as jobs_router
 from server.metrics import Metrics
 from server.registry_api import router as registry_router
@@ -302,13 +302,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = f"{where}: {problem}" if where else f"request body: {problem}"
         return APIError(400, message, param=where or None).response()
 
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return APIError(500, "Internal error in the gateway; it has been logged.").response()
-
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
+    app.add_exception_handler(Exception, unhandled_response)
 
 
 # -- OpenAI routes ---------------------------------------------------------

@@ -100,14 +100,23 @@ def registry_unavailable() -> APIError:
     )
 
 
+def unhandled(exc: Exception) -> APIError:
+    """The answer to an exception no route turned into an ``APIError``: a retryable 503
+    while the registry database is down, otherwise a logged 500."""
+    if isinstance(exc, REGISTRY_DOWN):
+        log.warning("registry database unavailable: %s", type(exc).__name__)
+        return registry_unavailable()
+    log.exception("unhandled error", exc_info=exc)
+    return APIError(500, "Internal error in the gateway; it has been logged.")
+
+
 async def _api_error_response(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
 
 
-async def _registry_down_response(_: Request, exc: Exception) -> Response:
-    log.warning("registry database unavailable: %s", type(exc).__name__)
-    return registry_unavailable().response()
+async def unhandled_response(_: Request, exc: Exception) -> Response:
+    return unhandled(exc).response()
 
 
 def install_api_error_handler(app: FastAPI) -> None:
@@ -115,4 +124,4 @@ def install_api_error_handler(app: FastAPI) -> None:
     database outage with a retryable 503."""
     app.add_exception_handler(APIError, _api_error_response)
     for error in REGISTRY_DOWN:
-        app.add_exception_handler(error, _registry_down_response)
+        app.add_exception_handler(error, unhandled_response)

@@ -13,7 +13,6 @@ Each request goes through the same five steps:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -24,13 +23,11 @@ from starlette.types import Receive, Scope, Send
 import router
 from server import proxy
 from server.engine import Engine
-from server.errors import REGISTRY_DOWN, APIError, model_not_found, registry_unavailable
+from server.errors import APIError, model_not_found, unhandled
 from server.tenancy import Caller
 
 if TYPE_CHECKING:
     from server.app import Gateway
-
-log = logging.getLogger("loraplex.gateway")
 
 CHARS_PER_TOKEN_ESTIMATE = 3
 """Prompt tokens are charged up front as characters / 3 (settled with the engine's count)."""
@@ -143,12 +140,8 @@ async def serve(gateway: Gateway, path: str, scope: Scope, receive: Receive, sen
         reply = await handle(gateway, path, scope, receive)
     except APIError as exc:
         reply = exc.response()
-    except REGISTRY_DOWN as exc:
-        log.warning("registry database unavailable: %s", type(exc).__name__)
-        reply = registry_unavailable().response()
     except Exception as exc:
-        log.exception("unhandled error", exc_info=exc)
-        reply = APIError(500, "Internal error in the gateway; it has been logged.").response()
+        reply = unhandled(exc).response()
     await reply(scope, receive, send)
 
 
