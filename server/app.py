@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import router
 from registry import Registry
-from server import inference, proxy
+from server import inference, openapi, proxy
 from server.config import Settings
 from server.discovery import DISCOVERY_INTERVAL, Discovery, diff
 from server.engine import Engine, EngineSupervisor, probe
@@ -333,8 +333,7 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
             ],
         }
 
-    from server import openapi  # request-body schemas for the docs only: no validation here
-
+    # Request-body schemas for the docs and the fuzzer only: nothing validates against them.
     limit = gateway.settings.max_tokens_limit
     chat_body = openapi.chat_completions_body(gateway.base_name, limit)
     app.add_api_route(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ import httpx
 from openai import NotFoundError, OpenAI
 
 from registry import TENANT_SCOPE, Actor, LocalBlobStore, NotFound, Registry
+from server.fleet import free_port
 
 HOME = Path(os.environ.get("LORAPLEX_HOME", ".loraplex"))
 OPERATOR = Actor("demo:operator", admin=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _say(line: str) -> None:
@@ -52,7 +46,7 @@ def start_server(base: Path, port: int, log_path: Path) -> subprocess.Popen[byte
         "--port",
         str(port),
         "--engine-port",
-        str(_free_port()),
+        str(free_port()),
         "--engine-dtype",
         "float32",
         "--engine-memory-fraction",
@@ -290,7 +284,7 @@ def main() -> int:
 
     _say("building the demo base model (cached after the first run)")
     base = build_demo_base(HOME / "demo-base")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = HOME / "logs" / "demo-serve.log"
     _say(f"starting `loraplex serve` on {url} (log: {log_path})")

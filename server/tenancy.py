@@ -60,9 +60,9 @@ class TTLCache(Generic[T]):
         return MISS
 
     async def get(self, key: object, load: Callable[[], Awaitable[T]]) -> T:
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        hit = self.fresh(key)
+        if hit is not MISS:
+            return hit
         pending = self._loading.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
