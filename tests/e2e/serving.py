@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client import Metric
 
 from server.fleet import free_port as free_port  # re-exported for the e2e tests
 
@@ -111,14 +112,19 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 30) -> list[psut
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """(labels, value) for every sample called ``name`` on a live /metrics endpoint."""
+def metric_families(url: str, headers: dict[str, str] | None = None) -> list[Metric]:
+    """The metric families a live /metrics endpoint exposes (declared ones included)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=10).text
+    return list(text_string_to_metric_families(text))
+
+
+def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) for every sample called ``name`` on a live /metrics endpoint."""
     return [
         (dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(text)
+        for family in metric_families(url)
         for sample in family.samples
         if sample.name == name
     ]

@@ -23,7 +23,7 @@ from openai import OpenAI
 from server.demo import random_adapter, upload_and_promote
 from server.fleet import BUCKET, Fleet, FleetConfig, Proc
 from tests.deploy.promql import dashboard_queries, metric_names
-from tests.e2e.serving import REPO, metric_samples
+from tests.e2e.serving import REPO, metric_families, metric_samples
 from tests.registry.registry_testdata import drop_database
 
 ADAPTER = "fleet-bot"
@@ -261,15 +261,12 @@ def _ready(gateway: Proc) -> bool:
         return False
 
 
-def live_names(text_url: str, headers: dict[str, str] | None = None) -> tuple[set[str], set[str]]:
+def live_names(url: str, headers: dict[str, str] | None = None) -> tuple[set[str], set[str]]:
     """(series names with samples, series names declared) on a live /metrics endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(text_url + "/metrics", headers=headers or {}, timeout=10).text
     sampled: set[str] = set()
     declared: set[str] = set()
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(url, headers):
         declared.update(family.name + s for s in suffixes.get(family.type, [""]))
         sampled.update(sample.name for sample in family.samples)
     return sampled, declared
