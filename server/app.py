@@ -41,7 +41,7 @@ from server.errors import APIError, install_api_error_handler, unhandled_respons
 from server.jobs_api import router as jobs_router
 from server.metrics import Metrics
 from server.registry_api import router as registry_router
-from server.tenancy import REGISTRY_TTL, Caller, Tenancy, TTLCache, UsageBook
+from server.tenancy import REGISTRY_MAX_AGE, REGISTRY_TTL, Caller, Tenancy, TTLCache, UsageBook
 from server.warmup import GatewayHooks
 
 log = logging.getLogger("loraplex.gateway")
@@ -91,7 +91,7 @@ class Gateway:
     def __post_init__(self) -> None:
         self.tenancy = Tenancy(self.registry)
         self.usage = UsageBook(self.registry)
-        self._adapters: TTLCache[list[str]] = TTLCache(REGISTRY_TTL)
+        self._adapters = TTLCache(self._load_servable, REGISTRY_TTL, REGISTRY_MAX_AGE)
 
     @property
     def base_name(self) -> str:
@@ -107,19 +107,17 @@ class Gateway:
 
     async def servable_adapters(self, tenant_id: int) -> list[str]:
         """The tenant's adapter names that resolve to a version right now."""
+        return await self._adapters.get(tenant_id)
 
-        async def load() -> list[str]:
-            names = [
-                a.name for a in await asyncio.to_thread(self.registry.list_adapters, tenant_id)
-            ]
-            views = [await self.tenancy.routing(tenant_id, name) for name in names]
-            return [
-                name
-                for name, view in zip(names, views, strict=True)
-                if view is not None and router.PRODUCTION in view.aliases
-            ]
-
-        return await self._adapters.get(tenant_id, load)
+    async def _load_servable(self, tenant_id: int) -> list[str]:
+        adapters = await asyncio.to_thread(self.registry.list_adapters, tenant_id)
+        names = [a.name for a in adapters]
+        views = [await self.tenancy.routing(tenant_id, name) for name in names]
+        return [
+            name
+            for name, view in zip(names, views, strict=True)
+            if view is not None and router.PRODUCTION in view.aliases
+        ]
 
     def finished(
         self,
@@ -175,6 +173,7 @@ def create_app(
                 tasks.append(asyncio.create_task(_discover_engines(gateway, discovery)))
             tasks.append(asyncio.create_task(_export_engine_state(gateway)))
             tasks.append(asyncio.create_task(gateway.usage.run()))
+            tasks.append(asyncio.create_task(_watch_loop_lag(gateway.metrics)))
             _freeze_startup_heap()
             try:
                 yield
@@ -272,6 +271,37 @@ async def _discover_engines(gateway: Gateway, discovery: Discovery) -> None:
                             gateway.pool.drop(engine.url)
                 gateway.engines[:] = [e for e in gateway.engines if e.url not in gone]
         await asyncio.sleep(DISCOVERY_INTERVAL)
+
+
+LOOP_LAG_INTERVAL = 0.05
+"""Seconds between the event-loop lag checks (20 timers a second: no measurable CPU)."""
+LOOP_STALL_WARNING = 0.1
+"""A loop late by this many seconds is logged, with where the time went."""
+
+
+async def _watch_loop_lag(metrics: Metrics) -> None:
+    """Time how late the event loop runs a timer: every request in flight waited as long.
+
+    The warning tells CPU-bound code on the loop (its thread used the CPU the
+    whole time) from a blocking call on the loop, or a wait for a CPU or for the
+    GIL held by a worker thread (it used little), which are different fixes.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LOOP_LAG_INTERVAL
+        cpu_before = time.thread_time()
+        await asyncio.sleep(LOOP_LAG_INTERVAL)
+        lag = max(0.0, loop.time() - due)
+        metrics.loop_lag.observe(lag)
+        if lag >= LOOP_STALL_WARNING:
+            log.warning(
+                "event loop stalled %.0f ms; its thread used %.0f ms of CPU in the %.0f ms "
+                "since the last check (all of it: CPU-bound code on the loop; little: a "
+                "blocking call on the loop, or a wait for a CPU or for the GIL)",
+                lag * 1000,
+                (time.thread_time() - cpu_before) * 1000,
+                (LOOP_LAG_INTERVAL + lag) * 1000,
+            )
 
 
 async def _export_engine_state(gateway: Gateway) -> None:

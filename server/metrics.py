@@ -19,6 +19,7 @@ _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 )  # fmt: skip
 
+_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 M = TypeVar("M", Counter, Histogram)
 
@@ -98,6 +99,12 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
+        )
+        self.loop_lag = Histogram(
+            "loraplex_event_loop_lag_seconds",
+            "How late the event loop ran a timer: a delay every request in flight shared.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
         )
 
         # Per-request series, through their children caches.

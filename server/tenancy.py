@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
@@ -26,8 +26,13 @@ from registry import Principal, Registry
 log = logging.getLogger("loraplex.tenancy")
 
 REGISTRY_TTL = 0.5
-"""Seconds a cached registry answer is trusted; half the 1 s freshness promise."""
+"""Seconds a cached registry answer is used as it is; the first request after that starts
+one reload in the background and is answered from the cache meanwhile."""
+REGISTRY_MAX_AGE = 0.9
+"""Seconds after which a cached answer is never used: requests wait for the reload. Below
+the 1 s freshness promise (revoked keys, alias flips, new limits), load time included."""
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
@@ -36,51 +41,90 @@ class _Miss(enum.Enum):
 
 
 MISS: Final = _Miss.MISS
-"""What ``TTLCache.fresh`` answers for a key with no fresh value."""
+"""What ``TTLCache.fresh`` answers for a key with no usable value."""
 
 
-class TTLCache(Generic[T]):
-    """Values loaded on demand and kept for ``ttl`` seconds; bounded in size.
+class TTLCache(Generic[K, T]):
+    """Values loaded on demand by ``loader``, refreshed ahead of use; bounded in size.
 
-    Concurrent misses for one key share a single load, so an expiring entry
-    under load costs one database query, not one per waiting request.
+    A value is used as it is for ``ttl`` seconds, then for up to ``max_age``
+    while one background reload replaces it: under steady traffic no request
+    waits for the database, and a slow or stalled reload delays nobody until
+    the value is ``max_age`` old. Past that (a key not asked for in a while)
+    the caller waits, and concurrent misses for one key share a single load.
+    Ages count from the start of the load that produced the value.
     """
 
-    def __init__(self, ttl: float, max_entries: int = 50_000) -> None:
+    def __init__(
+        self,
+        loader: Callable[[K], Awaitable[T]],
+        ttl: float,
+        max_age: float | None = None,
+        max_entries: int = 50_000,
+    ) -> None:
+        self.loader = loader
         self.ttl = ttl
+        self.max_age = ttl if max_age is None else max(ttl, max_age)
         self.max_entries = max_entries
-        self._entries: dict[object, tuple[float, T]] = {}
-        self._loading: dict[object, asyncio.Future[T]] = {}
+        self._entries: dict[K, tuple[float, T]] = {}
+        self._loading: dict[K, asyncio.Future[T]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def fresh(self, key: object) -> T | Literal[_Miss.MISS]:
-        """The cached value if still fresh, else ``MISS``: a hit with no coroutine to run."""
+    def fresh(self, key: K) -> T | Literal[_Miss.MISS]:
+        """The cached value if still usable, else ``MISS``: a hit with no coroutine to run.
+
+        A value past ``ttl`` is still answered, and its reload started.
+        """
         hit = self._entries.get(key)
-        if hit is not None and hit[0] > time.monotonic():
+        if hit is None:
+            return MISS
+        age = time.monotonic() - hit[0]
+        if age < self.ttl:
+            return hit[1]
+        if age < self.max_age:
+            if key not in self._loading:
+                self._start_load(key)
             return hit[1]
         return MISS
 
-    async def get(self, key: object, load: Callable[[], Awaitable[T]]) -> T:
+    async def get(self, key: K) -> T:
         hit = self.fresh(key)
-        if hit is not MISS:
-            return hit
-        pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        return hit if hit is not MISS else await self.load(key)
+
+    async def load(self, key: K) -> T:
+        """Wait for the key's load (the one running, or a new one), whatever is cached."""
+        pending = self._loading.get(key) or self._start_load(key)
+        # Shielded: a caller that goes away does not cancel the load the others wait for.
+        return await asyncio.shield(pending)
+
+    def _start_load(self, key: K) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
         self._loading[key] = future
+        task = loop.create_task(self._run_load(key, future))
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+        return future
+
+    async def _run_load(self, key: K, future: asyncio.Future[T]) -> None:
+        started = time.monotonic()
         try:
-            value = await load()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            value = await self.loader(key)
+        except asyncio.CancelledError:
+            future.cancel()
             raise
+        except Exception as exc:
+            if key in self._entries:
+                log.warning("registry reload failed; the cached answer is kept: %r", exc)
+            future.set_exception(exc)
+            future.exception()  # retrieved: a background reload has no waiter to re-raise it
+            return
         finally:
             del self._loading[key]
-        if len(self._entries) >= self.max_entries:
+        if len(self._entries) >= self.max_entries and key not in self._entries:
             self._entries.clear()  # rare; a cold second is cheaper than LRU bookkeeping
-        self._entries[key] = (time.monotonic() + self.ttl, value)
+        self._entries[key] = (started, value)
         future.set_result(value)
-        return value
 
 
 @dataclass(frozen=True)
@@ -93,24 +137,32 @@ class Caller:
 
 
 class Tenancy:
-    """The gateway's cached view of the registry."""
+    """The gateway's cached view of the registry.
 
-    def __init__(self, registry: Registry, ttl: float = REGISTRY_TTL) -> None:
+    Each answer is a ``TTLCache`` hit; the blocking registry calls behind the
+    loaders run in worker threads.
+    """
+
+    def __init__(
+        self, registry: Registry, ttl: float = REGISTRY_TTL, max_age: float = REGISTRY_MAX_AGE
+    ) -> None:
         self.registry = registry
-        self._principals: TTLCache[Caller | Principal | None] = TTLCache(ttl)
-        self._routing: TTLCache[router.RoutingView | None] = TTLCache(ttl)
-        self._limits: TTLCache[router.TenantLimits] = TTLCache(ttl)
+        self._principals = TTLCache(_in_thread(self._load_caller), ttl, max_age)
+        self._routing = TTLCache(_in_thread(self._load_routing), ttl, max_age)
+        self._limits = TTLCache(_in_thread(self._load_limits), ttl, max_age)
 
     async def caller(self, token: str) -> Caller | Principal | None:
         """The tenant behind a key, the bare principal for admin keys, None if invalid."""
-        hit = self._principals.fresh(token)  # the hot path: no closure, no second coroutine
-        if hit is not MISS:
-            return hit
+        hit = self._principals.fresh(token)  # the hot path: no second coroutine on a hit
+        return hit if hit is not MISS else await self._principals.load(token)
 
-        async def load() -> Caller | Principal | None:
-            return await asyncio.to_thread(self._load_caller, token)
+    async def routing(self, tenant_id: int, adapter: str) -> router.RoutingView | None:
+        hit = self._routing.fresh((tenant_id, adapter))
+        return hit if hit is not MISS else await self._routing.load((tenant_id, adapter))
 
-        return await self._principals.get(token, load)
+    async def limits(self, tenant_id: int) -> router.TenantLimits:
+        hit = self._limits.fresh(tenant_id)
+        return hit if hit is not MISS else await self._limits.load(tenant_id)
 
     def _load_caller(self, token: str) -> Caller | Principal | None:
         principal = self.registry.authenticate(token)
@@ -119,18 +171,8 @@ class Tenancy:
         tenant = self.registry.get_tenant(principal.tenant_id)
         return Caller(principal, principal.tenant_id, tenant.name)
 
-    async def routing(self, tenant_id: int, adapter: str) -> router.RoutingView | None:
-        hit = self._routing.fresh((tenant_id, adapter))
-        if hit is not MISS:
-            return hit
-
-        async def load() -> router.RoutingView | None:
-            return await asyncio.to_thread(self._load_routing, tenant_id, adapter)
-
-        return await self._routing.get((tenant_id, adapter), load)
-
-    def _load_routing(self, tenant_id: int, adapter: str) -> router.RoutingView | None:
-        view = self.registry.routing_view(tenant_id, adapter)
+    def _load_routing(self, key: tuple[int, str]) -> router.RoutingView | None:
+        view = self.registry.routing_view(*key)
         if view is None:
             return None
         base_fingerprints = {b.id: b.fingerprint for b in self.registry.list_bases()}
@@ -147,21 +189,27 @@ class Tenancy:
         }
         return router.RoutingView(view.name, versions, aliases)
 
-    async def limits(self, tenant_id: int) -> router.TenantLimits:
-        hit = self._limits.fresh(tenant_id)
-        if hit is not MISS:
-            return hit
+    def _load_limits(self, tenant_id: int) -> router.TenantLimits:
+        stored = self.registry.tenant_limits(tenant_id)
+        return router.TenantLimits(
+            requests_per_minute=stored.requests_per_minute,
+            tokens_per_minute=stored.tokens_per_minute,
+            max_concurrent=stored.max_concurrent,
+            max_total_tokens=stored.max_total_tokens,
+        )
 
-        async def load() -> router.TenantLimits:
-            stored = await asyncio.to_thread(self.registry.tenant_limits, tenant_id)
-            return router.TenantLimits(
-                requests_per_minute=stored.requests_per_minute,
-                tokens_per_minute=stored.tokens_per_minute,
-                max_concurrent=stored.max_concurrent,
-                max_total_tokens=stored.max_total_tokens,
-            )
 
-        return await self._limits.get(tenant_id, load)
+def _in_thread(load: Callable[[K], T]) -> Callable[[K], Awaitable[T]]:
+    """A blocking loader as a coroutine function that runs it in a worker thread."""
+
+    async def run(key: K) -> T:
+        return await asyncio.to_thread(load, key)
+
+    return run
+
+
+UsageKey = tuple[int, str, int]
+"""(tenant id, adapter name, version number) of a usage counter."""
 
 
 @dataclass
@@ -176,7 +224,7 @@ class UsageBook:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._pending: defaultdict[tuple[int, str, int], _Counts] = defaultdict(_Counts)
+        self._pending: defaultdict[UsageKey, _Counts] = defaultdict(_Counts)
 
     def add(self, tenant_id: int, adapter: str, version: int, prompt: int, completion: int) -> None:
         counts = self._pending[(tenant_id, adapter, version)]
@@ -185,11 +233,24 @@ class UsageBook:
         counts.completion_tokens += completion
 
     async def flush(self) -> None:
+        """Write the pending counts; whatever fails to write is kept for the next flush."""
         pending, self._pending = self._pending, defaultdict(_Counts)
-        for (tenant_id, adapter, version), counts in pending.items():
+        if pending:
+            # One worker-thread hop per flush, not one per key: each hop contends with
+            # the event loop for the GIL.
+            failed = await asyncio.to_thread(self._write, pending)
+            for key, counts in failed.items():
+                kept = self._pending[key]
+                kept.requests += counts.requests
+                kept.prompt_tokens += counts.prompt_tokens
+                kept.completion_tokens += counts.completion_tokens
+
+    def _write(self, pending: dict[UsageKey, _Counts]) -> dict[UsageKey, _Counts]:
+        failed = {}
+        for key, counts in pending.items():
+            tenant_id, adapter, version = key
             try:
-                await asyncio.to_thread(
-                    self.registry.record_usage,
+                self.registry.record_usage(
                     tenant_id,
                     adapter,
                     version,
@@ -200,10 +261,8 @@ class UsageBook:
             except Exception:
                 # Keep the counts for the next flush rather than lose billable usage.
                 log.exception("could not record usage; will retry")
-                kept = self._pending[(tenant_id, adapter, version)]
-                kept.requests += counts.requests
-                kept.prompt_tokens += counts.prompt_tokens
-                kept.completion_tokens += counts.completion_tokens
+                failed[key] = counts
+        return failed
 
     async def run(self, interval: float = 1.0) -> None:
         while True:
