@@ -469,13 +469,16 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 
 class JoinedWrites:
-    """A transport whose writes made in one event-loop turn leave in one ``send`` call.
+    """A transport that sends two writes in one ``send`` call.
 
     uvicorn writes an answer's status line and headers, then its body: two
     system calls, and on loopback each costs about as much CPU as the
-    gateway's own Python work for a request. Joined, an answer is one write;
-    data waits at most until the loop's next turn, so streams are not delayed.
-    Everything but ``write`` and ``close`` goes to the real transport.
+    gateway's own Python work for a request. Here a write waits for the next
+    one, and both leave together: a whole answer is one system call, sent the
+    moment its body is written. A write with no successor leaves at the loop's
+    next turn. (Waiting for the turn's end instead held each answer behind
+    every other request the turn processed: about a millisecond at 1,000
+    requests/s.) Everything but ``write`` and ``close`` goes to the real transport.
     """
 
     def __init__(self, transport: asyncio.Transport) -> None:
@@ -484,9 +487,12 @@ class JoinedWrites:
         self._loop = asyncio.get_running_loop()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
-            self._loop.call_soon(self.flush)
+        if self._pending:
+            self._pending.append(bytes(data))
+            self.flush()
+            return
         self._pending.append(bytes(data))
+        self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -288,14 +288,17 @@ class RecordingTransport:
         return f"extra {name}"
 
 
-async def test_joined_writes_leave_once_per_loop_turn_and_before_a_close() -> None:
+async def test_joined_writes_send_two_writes_at_once_and_a_lone_one_next_turn() -> None:
     raw = RecordingTransport()
     joined = JoinedWrites(raw)  # type: ignore[arg-type]
     joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
-    joined.write(b"body")
     assert raw.writes == []
-    await asyncio.sleep(0)
+    joined.write(b"body")  # the answer is whole: it leaves now, in one call
     assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    joined.write(b"event")
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    await asyncio.sleep(0)  # a write with no successor waits one loop turn at most
+    assert raw.writes[-1] == b"event"
     joined.write(b"last")
     joined.close()
     assert raw.writes[-1] == b"last" and raw.closed
