@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import loadgen, procs, targets
 from bench.results import write_result
@@ -42,10 +47,18 @@ class GatewayBenchConfig:
     """Seconds of the same load before each run's recording starts."""
     rates: tuple[float, ...] = (200.0, 1000.0)
     """Open-loop offered rates, requests/s."""
+    open_repeats: int = 3
+    """Open-loop runs per rate; their percentiles' medians are reported. One run on a shared
+    2-core host can catch a scheduler or hypervisor hiccup that says nothing of the target."""
     concurrency: tuple[int, ...] = (16, 64, 256)
     """Closed-loop client counts for the throughput runs."""
     stream_clients: int = 16
     """Concurrent streams for the time-to-first-byte run."""
+    stream_interval_ms: float = 10.0
+    """Pause between a stream's events at the stub: a fast engine decoding 100 tokens/s.
+    With no pause, 16 closed-loop streams saturate a 2-core machine, and their first-byte
+    times measure how many streams/s it relays (throughput is measured without streams)
+    rather than what the gateway adds to a stream."""
     loadgen_procs: int = 2
     """Load generator processes for throughput runs (one would cap the fast targets)."""
     targets: tuple[str, ...] = ("stub", "loraplex", "litellm", "vllm-router")
@@ -60,8 +73,10 @@ def _run(target: targets.Running, spec: loadgen.RunSpec) -> dict[str, Any]:
     """One load run; with the target's CPU seconds per request when it has a process."""
     proc = target.proc
     cpu_before = procs.cpu_seconds(proc.pid) if proc else 0.0
+    host_before = procs.host_cpu()
     result = loadgen.run(spec)
     summary = result.summary()
+    summary["host_steal_share"] = procs.steal_share(host_before, procs.host_cpu())
     if proc is not None and result.total:
         cpu = procs.cpu_seconds(proc.pid) - cpu_before
         summary["cpu_s"] = cpu
@@ -70,26 +85,123 @@ def _run(target: targets.Running, spec: loadgen.RunSpec) -> dict[str, Any]:
     return summary
 
 
-def measure(target: targets.Running, config: GatewayBenchConfig) -> dict[str, Any]:
-    """Every workload against one target."""
+def measure(
+    target: targets.Running, config: GatewayBenchConfig, stub: targets.Running | None = None
+) -> dict[str, Any]:
+    """Every workload against one target; open-loop runs paired with runs on ``stub``."""
     workload = loadgen.Workload(url=target.url, model=targets.MODEL, api_key=target.api_key)
     base = loadgen.RunSpec(workload, duration=config.duration, warmup=config.warmup)
     out: dict[str, Any] = {"version": target.version, "start_seconds": target.start_seconds}
     out["closed_1"] = _run(target, replace(base, clients=1))
+    lag_before = loop_lag(target)
     out["open"] = {
-        str(int(rate)): _run(target, replace(base, mode="open", rate=rate, clients=256))
+        str(int(rate)): _repeated(
+            target, replace(base, mode="open", rate=rate, clients=256), config, stub
+        )
         for rate in config.rates
     }
+    if lag_before:
+        out["loop_lag_open"] = lag_delta(lag_before, loop_lag(target))
     out["closed"] = {
         str(n): _run(target, replace(base, clients=n, procs=config.loadgen_procs, warmup=0.0))
         for n in config.concurrency
     }
     streaming = replace(workload, stream=True)
-    out["stream"] = _run(target, replace(base, workload=streaming, clients=config.stream_clients))
+    # Client starts spread over one stream's length: the streams overlap as in steady
+    # traffic, instead of all 16 arriving together every round.
+    stagger = config.stream_interval_ms * STREAM_EVENTS / 1000
+    spread = replace(base, workload=streaming, clients=config.stream_clients, stagger=stagger)
+    out["stream"] = _run(target, spread)
     # One stream at a time: the gateway's own delay to the first byte, with no queueing
     # behind other streams (at 16, the figure is mostly the wait for a CPU).
     out["stream_1"] = _run(target, replace(base, workload=streaming, clients=1))
     return out
+
+
+STREAM_EVENTS = 8
+"""Content events per stream from the stub (its default)."""
+
+PAST_CAPACITY_MS = 1000.0
+"""A median latency above this says the target is past its capacity: its run is not repeated."""
+
+
+def _repeated(
+    target: targets.Running,
+    spec: loadgen.RunSpec,
+    config: GatewayBenchConfig,
+    stub: targets.Running | None = None,
+) -> dict[str, Any]:
+    """``config.open_repeats`` runs of ``spec``, their latency percentiles' medians on top.
+
+    With ``stub`` (and a target other than the stub), each run follows a run of the
+    same load straight to the stub: the pair sees the same moment of a noisy host, and
+    what the target adds is the median of the pairs' differences (``added_figures``).
+    """
+    paired = stub is not None and stub is not target
+    direct = (
+        replace(spec, workload=replace(spec.workload, url=stub.url, api_key="")) if stub else spec
+    )
+    runs: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
+    while len(runs) < max(1, config.open_repeats):
+        if stub is not None and paired:
+            baselines.append(_run(stub, direct))
+        runs.append(_run(target, spec))
+        if not _keeps_up(runs[0]):
+            break
+    steal = statistics.median(r["host_steal_share"] for r in runs)
+    summary = {**runs[0], "runs": runs, "host_steal_share": steal}
+    if paired:
+        summary["baseline_runs"] = baselines
+    for key in ("latency", "ttfb"):
+        figures = [r[key] for r in runs if r[key].get("count")]
+        if figures:
+            summary[key] = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
+    return summary
+
+
+def paired_added(run: dict[str, Any], key: str) -> float | None:
+    """Median over a repeated run's pairs of (target - stub) latency ``key``; None if unpaired."""
+    pairs = [
+        (t["latency"][key], b["latency"][key])
+        for t, b in zip(run.get("runs", []), run.get("baseline_runs", []), strict=False)
+        if key in t["latency"] and key in b["latency"]
+    ]
+    return statistics.median(t - b for t, b in pairs) if pairs else None
+
+
+def _keeps_up(run: dict[str, Any]) -> bool:
+    return bool(run["latency"].get("count")) and run["latency"]["p50_ms"] < PAST_CAPACITY_MS
+
+
+LAG_METRIC = "loraplex_event_loop_lag_seconds"
+
+
+def loop_lag(target: targets.Running) -> dict[float, float]:
+    """loraplex's event-loop lag histogram (cumulative counts by upper bound); {} for others."""
+    if target.name != "loraplex":
+        return {}
+    with urllib.request.urlopen(target.url + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == LAG_METRIC:
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    counts[float(sample.labels["le"])] = sample.value
+    return counts
+
+
+def lag_delta(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """How late loraplex's loop ran its timers between two scrapes: share within each bound."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = counts.get(math.inf, 0.0)
+    return {
+        "timers": total,
+        "share_within_ms": {
+            f"{le * 1000:g}": count / total for le, count in counts.items() if total and le < 1
+        },
+    }
 
 
 def added_figures(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +217,9 @@ def added_figures(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, A
     }
     for rate, run in target["open"].items():
         for key in ("p50_ms", "p99_ms"):
-            figures[f"open_{rate}_{key}"] = added(lat(run), lat(direct["open"][rate]), key)
+            pair = paired_added(run, key)
+            unpaired = added(lat(run), lat(direct["open"][rate]), key)
+            figures[f"open_{rate}_{key}"] = unpaired if pair is None else pair
     for key in ("p50_ms", "p99_ms"):
         stream, base = target["stream"], direct["stream"]
         figures[f"stream_ttfb_{key}"] = added(lat(stream, "ttfb"), lat(base, "ttfb"), key)
@@ -139,7 +253,9 @@ STARTERS: dict[str, Callable[[Path, str], targets.Running]] = {
 
 def run_all(config: GatewayBenchConfig) -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
-    stub = targets.start_stub(WORK)
+    stub = targets.start_stub(
+        WORK, stream_chunks=STREAM_EVENTS, chunk_interval_ms=config.stream_interval_ms
+    )
     results: dict[str, Any] = {}
     try:
         for name in config.targets:
@@ -147,7 +263,7 @@ def run_all(config: GatewayBenchConfig) -> dict[str, Any]:
             started = time.monotonic()
             target = stub if name == "stub" else STARTERS[name](WORK, stub.url)
             try:
-                results[name] = measure(target, config)
+                results[name] = measure(target, config, stub)
             finally:
                 if target is not stub:
                     target.stop()
@@ -165,8 +281,11 @@ def _report(
     return {
         "benchmark": "gateway",
         "command": COMMAND,
-        "upstream": "stub (bench/stub_upstream.py): canned answers, 8 streamed chunks",
-        "workload": "POST /v1/chat/completions, ~80-byte body, max_tokens 8; streams: 8 events",
+        "upstream": f"stub (bench/stub_upstream.py): canned answers, {STREAM_EVENTS} streamed "
+        "chunks",
+        "workload": "POST /v1/chat/completions, ~80-byte body, max_tokens 8; streams: "
+        f"{STREAM_EVENTS} events {config.stream_interval_ms:g} ms apart (a fast engine), the "
+        f"{config.stream_clients} closed-loop streams' starts spread over one stream's length",
         "config": asdict(config),
         "stub_cpu_us_per_request": stub_cpu,
         "targets": results,

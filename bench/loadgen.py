@@ -112,6 +112,10 @@ class RunSpec:
     """Processes the run is split over (closed loop: clients are divided among them)."""
     seed: int = 1
     """Seed for Poisson arrivals."""
+    stagger: float = 0.0
+    """Closed loop: client i of N sends its first request i/N of this many seconds late.
+    Clients whose requests take equally long (paced streams) otherwise arrive together
+    every round: one burst, not N requests in flight."""
     drain: float = 10.0
     """Seconds to wait for answers still in flight when the load stops; then they count as
     timeouts (a saturated target cannot stretch a run without bound)."""
@@ -294,9 +298,16 @@ async def _exchange(conn: HttpConnection, payload: bytes) -> Reply | None:
 
 
 async def _closed_client(
-    host: str, port: int, payload: bytes, recorder: Recorder, deadline: float, budget: list[int]
+    host: str,
+    port: int,
+    payload: bytes,
+    recorder: Recorder,
+    deadline: float,
+    budget: list[int],
+    delay: float = 0.0,
 ) -> None:
     conn = await HttpConnection.open(host, port)
+    await asyncio.sleep(delay)
     try:
         while budget[0] > 0:
             started = time.perf_counter()
@@ -320,7 +331,10 @@ async def run_closed(spec: RunSpec) -> RunResult:
     recorder = Recorder(RunResult(_spec_dict(spec)), record_from, spec.workload.stream)
     budget = [spec.max_requests]
     clients = [
-        _closed_client(host, port, payload, recorder, deadline, budget) for _ in range(spec.clients)
+        _closed_client(
+            host, port, payload, recorder, deadline, budget, spec.stagger * i / spec.clients
+        )
+        for i in range(spec.clients)
     ]
     await _bounded(recorder, [asyncio.ensure_future(c) for c in clients], deadline + spec.drain)
     return recorder.close(min(time.perf_counter(), deadline) - record_from)

@@ -171,3 +171,20 @@ def settle(pid: int, busy_below: float = 0.1, window: float = 0.5, timeout: floa
 
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+def host_cpu() -> list[int]:
+    """The machine's CPU time counters (``/proc/stat``'s first line, in clock ticks)."""
+    with open("/proc/stat") as stat:
+        return [int(v) for v in stat.readline().split()[1:]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the machine's time the hypervisor gave to other guests between two readings.
+
+    Time stolen from a 2-core guest is time every process here waited for a CPU:
+    the figure that says how noisy a latency run's host was.
+    """
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(spent[:8])  # user..steal; guest time is already counted in user
+    return spent[7] / total if total else 0.0

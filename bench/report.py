@@ -10,6 +10,7 @@ and ``bench/results/*.png``.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +118,61 @@ def gateway_section(gateway: dict[str, Any]) -> list[str]:
         "target's processes (all of them, from /proc) over the 16/64/256-client runs, the "
         "lowest of the three. Open-loop latency counts from each request's scheduled send "
         "time; a target past its capacity queues, so its figure there is seconds, not "
-        "milliseconds. LiteLLM runs without a master key; loraplex authenticates every request.",
+        "milliseconds. Open loop: each target runs up to "
+        f"{gateway['config'].get('open_repeats', 1)} times per rate (once, past its "
+        "capacity), each run right after the same load sent straight to the stub; the added "
+        "figure is the median of those pairs' differences, so a target and its baseline see "
+        "the same moment of a noisy host. LiteLLM runs without a master key; loraplex "
+        "authenticates every request.",
         "",
+        *_noise_lines(gateway),
         "| loraplex target | limit | measured | verdict |",
         "|---|---|---|---|",
         *[check.line() for check in gateway_checks(gateway)],
         "",
     ]
     return lines
+
+
+def _noise_lines(gateway: dict[str, Any]) -> list[str]:
+    """How noisy the host was (CPU steal), and how late loraplex's own event loop ran."""
+    steals = [
+        run["host_steal_share"]
+        for result in gateway["targets"].values()
+        for run in _runs(result)
+        if "host_steal_share" in run
+    ]
+    lines = []
+    if steals:
+        lines.append(
+            f"Host noise: the hypervisor took {statistics.median(steals):.1%} of this machine's "
+            f"CPU time for other guests during the median run ({max(steals):.1%} in the worst): "
+            "time every process here, load generator included, waited for a CPU."
+        )
+        lines.append("")
+    lag = gateway["targets"].get("loraplex", {}).get("loop_lag_open")
+    if lag and lag["timers"]:
+        within = ", ".join(
+            f"{share:.1%} within {bound} ms"
+            for bound, share in lag["share_within_ms"].items()
+            if bound in ("1", "5", "25", "100")
+        )
+        lines.append(
+            f"loraplex's event loop during its open-loop runs: of {lag['timers']:,.0f} timers "
+            f"due every 50 ms (`loraplex_event_loop_lag_seconds`), {within} of their time. "
+            "A request waits as long as the loop is late; the rest of its latency is spent "
+            "outside the gateway's loop (the kernel's scheduler, the other processes)."
+        )
+    return [*lines, ""] if lines else []
+
+
+def _runs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every load run recorded for one target."""
+    runs = [result[k] for k in ("closed_1", "stream", "stream_1") if k in result]
+    runs += list(result.get("closed", {}).values())
+    for repeated in result.get("open", {}).values():
+        runs += repeated.get("runs", [repeated])
+    return runs
 
 
 def _stub_cpu(gateway: dict[str, Any]) -> float | None:

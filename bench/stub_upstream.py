@@ -102,7 +102,8 @@ class Canned:
         }
 
     def events(self, path: str, model: str, include_usage: bool) -> list[bytes]:
-        """Chunked-encoding frames: the header frame, N content events, usage?, [DONE], end."""
+        """Chunked-encoding frames: the head, then N content events, the last one carrying
+        the usage event (if asked for), [DONE] and the end of the body."""
         key = (path, model, include_usage)
         if key not in self._events:
             self._events[key] = self._build_events(path, model, include_usage)
@@ -125,9 +126,15 @@ class Canned:
             return [{"index": 0, "text": "x", "finish_reason": None}]
 
         frames = [event(content(i)) for i in range(self.config.stream_chunks)]
-        if include_usage:
-            frames.append(event([], self.usage()))
-        frames.append(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        # The usage event, [DONE] and the end leave with the last token, as an engine sends
+        # them: paced like tokens, they would delay the usage a gateway asks for (and a
+        # client may not) by one interval, and charge it to the gateway.
+        tail = event([], self.usage()) if include_usage else b""
+        tail += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+        if frames:
+            frames[-1] += tail
+        else:
+            frames.append(tail)
         head = (
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -14,6 +14,7 @@ from bench import loadgen, targets
 
 STREAM_CHUNKS = 5
 CHUNK_MS = 10.0
+STREAM_TIME = (STREAM_CHUNKS - 1) * CHUNK_MS / 1000
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def slow_stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Streams take about STREAM_CHUNKS x CHUNK_MS each."""
+    """Streams take (STREAM_CHUNKS - 1) x CHUNK_MS each: the first event leaves at once."""
     work = tmp_path_factory.mktemp("slow-stub")
     running = targets.start_stub(work, stream_chunks=STREAM_CHUNKS, chunk_interval_ms=CHUNK_MS)
     yield running.url
@@ -39,6 +40,14 @@ def test_closed_loop_counts_every_answer(stub: str) -> None:
     assert result.ok > 10
     assert result.statuses == {"200": result.ok}
     assert result.total == result.ok
+
+
+def test_staggered_clients_start_late(stub: str) -> None:
+    # Three clients spread over 3 s, in a 0.5 s run: only the first one gets to send.
+    spec = loadgen.RunSpec(loadgen.Workload(stub), clients=3, duration=0.5, warmup=0.0)
+    staggered = loadgen.run(replace(spec, stagger=3.0, max_requests=10_000))
+    assert staggered.ok > 0
+    assert staggered.ok < loadgen.run(replace(spec, max_requests=10_000)).ok
 
 
 def test_max_requests_bounds_a_run(stub: str) -> None:
@@ -59,16 +68,16 @@ def test_streams_record_first_byte_before_last_event(slow_stub: str) -> None:
     result = loadgen.run(loadgen.RunSpec(workload, clients=2, duration=0.3, warmup=0.0))
     assert result.errors == 0
     assert len(result.ttfb) == len(result.latencies) > 0
-    stream_time = (STREAM_CHUNKS + 1) * CHUNK_MS / 1000  # content events, then [DONE]
+    stream_time = STREAM_TIME  # the first event arrives at once, [DONE] with the last one
     for first, last in zip(result.ttfb, result.latencies, strict=True):
         assert first < last
-        assert last - first >= 0.8 * (stream_time - CHUNK_MS / 1000)
+        assert last - first >= 0.8 * stream_time
 
 
 def test_open_loop_charges_queueing_from_the_scheduled_time(slow_stub: str) -> None:
     """One connection, offered twice its capacity: later requests wait, and that wait counts."""
     workload = loadgen.Workload(slow_stub, stream=True)
-    service = (STREAM_CHUNKS + 1) * CHUNK_MS / 1000
+    service = STREAM_TIME
     rate = 2 / service
     spec = loadgen.RunSpec(
         workload, mode="open", rate=rate, clients=1, duration=0.5, warmup=0.0, arrivals="constant"
