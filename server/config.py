@@ -8,6 +8,7 @@ failing, so one start-up tells you everything that is wrong.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import itertools
 import os
 import secrets
@@ -80,6 +81,12 @@ class Settings:
     engine_memory_fraction: float = 0.2
     """vLLM ``--gpu-memory-utilization``; on the CPU build, the share of host RAM for KV cache."""
 
+    engine_kv_cache_bytes: int = 0
+    """KV cache of each started engine in bytes (vLLM ``--kv-cache-memory-bytes``); 0 sizes it
+    by ``engine_memory_fraction``, except on the CPU build, where 0 means 1 GiB: that build
+    sizes the fraction against NUMA node 0's memory less the engine's own use, which came out
+    negative on a machine whose node 0 held 8 of its 24 GiB."""
+
     engine_max_model_len: int = 2048
     """vLLM ``--max-model-len``: longest prompt + completion an engine accepts."""
 
@@ -146,6 +153,12 @@ class Settings:
     def resolved_served_model_name(self) -> str:
         return self.served_model_name or self.resolved_base_model.name
 
+    def resolved_kv_cache_bytes(self) -> int:
+        """The ``--kv-cache-memory-bytes`` for started engines; 0 leaves vLLM's own sizing."""
+        if self.engine_kv_cache_bytes or not vllm_cpu_build():
+            return self.engine_kv_cache_bytes
+        return CPU_KV_CACHE_BYTES
+
     @property
     def external_engines(self) -> bool:
         """Whether engines run elsewhere (``engine_urls`` or ``engine_discovery``)."""
@@ -169,6 +182,7 @@ class Settings:
         )
         for name in ("engine_start_timeout", "upstream_timeout", "upstream_connect_timeout"):
             check(getattr(self, name) > 0, name, "must be positive")
+        check(self.engine_kv_cache_bytes >= 0, "engine_kv_cache_bytes", "must be 0 or more")
         for name in (
             "engine_max_model_len",
             "max_loras",
@@ -220,6 +234,19 @@ class Settings:
         if not self.engine_api_key:
             self.engine_api_key = secrets.token_urlsafe(32)
         return self.engine_api_key
+
+
+CPU_KV_CACHE_BYTES = 1 << 30
+"""KV cache of a started engine on vLLM's CPU build when none is set."""
+
+
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build (the ``vllm-cpu`` distribution)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def env_name(field_name: str) -> str:

@@ -101,6 +101,9 @@ def engine_command(settings: Settings, port: int) -> list[str]:
         str(settings.max_lora_rank),
         "--disable-uvicorn-access-log",
     ]
+    kv_cache_bytes = settings.resolved_kv_cache_bytes()
+    if kv_cache_bytes:
+        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
     return cmd + shlex.split(settings.engine_extra_args)
 
 

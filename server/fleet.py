@@ -127,9 +127,8 @@ class FleetConfig:
         default_factory=lambda: {
             "engine_dtype": "float32",
             "engine_max_model_len": 1024,
-            # A fixed KV cache: the CPU build sizes it as a share of RAM minus the
-            # worker's own memory, which left ~0 for a second engine on 24 GB.
-            "engine_extra_args": f"--kv-cache-memory-bytes {256 * 2**20}",
+            # Smaller than a lone engine's 1 GiB: two engines share the machine.
+            "engine_kv_cache_bytes": 256 << 20,
         }
     )
     """Engine settings; small KV caches so two CPU engines fit beside everything else."""

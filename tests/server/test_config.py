@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from server import config
 from server.config import Settings, SettingsError, field_docs, load_settings
+from server.engine import engine_command
 
 
 def test_defaults_are_the_embedded_setup() -> None:
@@ -57,3 +59,25 @@ def test_every_setting_is_documented() -> None:
     docs = field_docs()
     missing = [f.name for f in dataclasses.fields(Settings) if not docs.get(f.name)]
     assert missing == []
+
+
+def _kv_flag(settings: Settings) -> str | None:
+    cmd = engine_command(settings, 9000)
+    return (
+        cmd[cmd.index("--kv-cache-memory-bytes") + 1] if "--kv-cache-memory-bytes" in cmd else None
+    )
+
+
+def test_started_engines_get_a_fixed_kv_cache_on_the_cpu_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(base_model=Path("/models/base"))
+    monkeypatch.setattr(config, "vllm_cpu_build", lambda: True)
+    assert _kv_flag(settings) == str(1 << 30)
+    assert _kv_flag(Settings(base_model=Path("/m"), engine_kv_cache_bytes=256 << 20)) == str(
+        256 << 20
+    )
+    monkeypatch.setattr(config, "vllm_cpu_build", lambda: False)
+    assert _kv_flag(settings) is None  # a GPU build sizes it by engine_memory_fraction
+    with pytest.raises(SettingsError, match="LORAPLEX_ENGINE_KV_CACHE_BYTES"):
+        Settings(engine_kv_cache_bytes=-1).validate()
