@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import router
 from registry import Registry
@@ -59,6 +60,18 @@ class GatewayApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hot_routes: dict[str, ASGIApp] = {}
+        self._framework: ASGIApp = partial(FastAPI.__call__, self)
+
+    def trust_forwarded_headers(self, trusted_hosts: list[str] | str) -> None:
+        """Take the client address from ``X-Forwarded-For`` sent by ``trusted_hosts``.
+
+        uvicorn does this for the whole app; here only the framework routes get
+        it (``/metrics`` decides by client address), so inference requests do
+        not pay for a header scan they never use.
+        """
+        # uvicorn types the scope more narrowly than Starlette; the two are the same protocol.
+        middleware = ProxyHeadersMiddleware(partial(FastAPI.__call__, self), trusted_hosts)
+        self._framework = cast(ASGIApp, middleware)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -66,7 +79,7 @@ class GatewayApp(FastAPI):
             if hot is not None:
                 await hot(scope, receive, send)
                 return
-        await super().__call__(scope, receive, send)
+        await self._framework(scope, receive, send)
 
 
 @dataclass
@@ -457,7 +470,7 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     http: type[asyncio.Protocol] | str = "auto"
     with contextlib.suppress(ImportError):  # no httptools: uvicorn's h11 protocol, as it is
         http = _joined_writes_protocol()
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -465,7 +478,11 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         access_log=False,
         timeout_graceful_shutdown=10,
         http=http,
+        proxy_headers=not isinstance(app, GatewayApp),
     )
+    if isinstance(app, GatewayApp):
+        app.trust_forwarded_headers(config.forwarded_allow_ips)
+    return config
 
 
 class JoinedWrites:

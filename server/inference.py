@@ -12,12 +12,12 @@ Each request goes through the same five steps:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
 import router
@@ -95,7 +95,7 @@ async def resolve(
 def estimate_tokens(body: dict[str, Any], settings_max: int) -> int:
     """Upper-bound-ish token ask of a request, for the token bucket and length cap."""
     prompt = body.get("messages", body.get("prompt", ""))
-    text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+    text = prompt if isinstance(prompt, str) else orjson.dumps(prompt)
     completion = body.get("max_completion_tokens") or body.get("max_tokens") or settings_max
     return math.ceil(len(text) / CHARS_PER_TOKEN_ESTIMATE) + int(completion) * int(body.get("n", 1))
 
@@ -254,7 +254,7 @@ async def read_json(receive: Receive, declared: str, limit: int) -> dict[str, An
         if not message.get("more_body", False):
             break
     try:
-        body = json.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        body = orjson.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
     except ValueError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc}.") from exc
     if not isinstance(body, dict):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 import yarl
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -30,9 +31,6 @@ from server.errors import APIError
 
 RawHeaders = list[tuple[bytes, bytes]]
 log = logging.getLogger("loraplex.gateway")
-
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-"""Compact JSON; one encoder reused (``json.dumps`` with options builds one per call)."""
 
 
 @dataclass
@@ -165,7 +163,7 @@ async def send(
     engine_key: str,
 ) -> Upstream:
     """Open the engine request (headers received, body still streaming) or raise UpstreamFailure."""
-    data = _encode(body).encode()
+    data = orjson.dumps(body)
     try:
         if pool is not None and pool.usable(engine):
             return await pool.post(engine, path, data, engine_key)
@@ -259,7 +257,7 @@ async def complete(upstream: Upstream, target: Target, outcome: Outcome) -> Answ
     finally:
         upstream.release()
     outcome.first_byte_at = time.perf_counter()
-    payload = json.loads(content)
+    payload = orjson.loads(content)
     outcome.usage = Usage.of(payload)
     if target.engine_model != target.requested_model:
         content = content.replace(_quoted(target.engine_model), _quoted(target.requested_model))
@@ -372,7 +370,7 @@ def _filter_events(events: bytes, outcome: Outcome, keep_usage_chunk: bool) -> b
     for event in events.split(b"\n\n"):
         if event.startswith(b"data: ") and _USAGE.search(event):
             try:
-                payload = json.loads(event[6:])
+                payload = orjson.loads(event[6:])
             except ValueError:
                 payload = None
             usage = Usage.of(payload)
