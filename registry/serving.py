@@ -58,9 +58,14 @@ class ServingMixin(Store):
         version, base = row
         return VersionBlob(version, base, version.blob_key, version.blob_sha256, version.size_bytes)
 
-    def fetch_version(self, name: str, dest_dir: Path | str) -> Path:
-        """``dest_dir/<name>/`` holding the verified adapter files (fetched once, then reused)."""
-        found = self.version_by_engine_name(name)
+    def fetch_version(
+        self, name: str, dest_dir: Path | str, found: VersionBlob | None = None
+    ) -> Path:
+        """``dest_dir/<name>/`` holding the verified adapter files (fetched once, then reused).
+
+        ``found``: the version's record, when the caller has just looked it up.
+        """
+        found = found or self.version_by_engine_name(name)
         if found is None:
             raise NotFound(f"no active adapter version is named {name!r} on engines")
         dest = Path(dest_dir) / name

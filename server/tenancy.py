@@ -150,6 +150,7 @@ class Tenancy:
         self._principals = TTLCache(_in_thread(self._load_caller), ttl, max_age)
         self._routing = TTLCache(_in_thread(self._load_routing), ttl, max_age)
         self._limits = TTLCache(_in_thread(self._load_limits), ttl, max_age)
+        self._bases: dict[int, str] = {}
 
     async def caller(self, token: str) -> Caller | Principal | None:
         """The tenant behind a key, the bare principal for admin keys, None if invalid."""
@@ -175,7 +176,7 @@ class Tenancy:
         view = self.registry.routing_view(*key)
         if view is None:
             return None
-        base_fingerprints = {b.id: b.fingerprint for b in self.registry.list_bases()}
+        base_fingerprints = self._base_fingerprints({v.base_id for v in view.versions})
         versions = {
             v.number: router.VersionView(
                 v.number, v.engine_name, base_fingerprints[v.base_id], router.VersionState(v.state)
@@ -188,6 +189,12 @@ class Tenancy:
             for name, target in view.aliases.items()
         }
         return router.RoutingView(view.name, versions, aliases)
+
+    def _base_fingerprints(self, needed: set[int]) -> dict[int, str]:
+        """Fingerprints by base id. A base record never changes: read again only for new ones."""
+        if not needed <= self._bases.keys():
+            self._bases = {b.id: b.fingerprint for b in self.registry.list_bases() if b.id}
+        return self._bases
 
     def _load_limits(self, tenant_id: int) -> router.TenantLimits:
         stored = self.registry.tenant_limits(tenant_id)

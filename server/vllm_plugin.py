@@ -20,6 +20,7 @@ and the gateway may retry on another replica.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -240,7 +241,9 @@ class LoraplexResolver:
                 self.base_fingerprint,
             )
             return None
-        return found.version.fingerprint, self.cache.get(name, self.registry.fetch_version)
+        # The record just read goes to the fetch: a cold start pays for one lookup, not two.
+        fetch = functools.partial(self.registry.fetch_version, found=found)
+        return found.version.fingerprint, self.cache.get(name, fetch)
 
     def _check_served_base(self, base_model_name: str) -> None:
         """Serve nothing if the model vLLM loaded is not the base this engine declares.

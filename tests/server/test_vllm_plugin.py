@@ -167,6 +167,25 @@ async def test_an_engine_name_resolves_to_its_adapter_in_the_cache(
     assert cached(cache_dir) == sorted(v.engine_name for v in versions)
 
 
+async def test_a_cold_resolution_reads_the_version_record_once(
+    resolver: LoraplexResolver,
+    registry: Registry,
+    versions: list[AdapterVersion],
+    tiny_base: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lookups: list[str] = []
+    lookup = registry.version_by_engine_name
+
+    def counted(name: str) -> object:
+        lookups.append(name)
+        return lookup(name)
+
+    monkeypatch.setattr(registry, "version_by_engine_name", counted)
+    assert await resolve(resolver, tiny_base, versions[0].engine_name) is not None
+    assert lookups == [versions[0].engine_name]  # the fetch reuses the record: a cold start
+
+
 @pytest.mark.parametrize(
     "name",
     ["tiny-llama", "bot", "bot@1", "lx-0123", "lx-0123456789ABCDEF", "lx-0123456789abcdef0", ""],
