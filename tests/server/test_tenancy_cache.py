@@ -1,4 +1,4 @@
-"""The gateway's cached view of the registry: ``TTLCache`` and ``UsageBook``."""
+"""The gateway's cached view of the registry (server/tenancy.py): ``TTLCache`` and ``UsageBook``."""
 
 from __future__ import annotations
 
