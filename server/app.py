@@ -213,8 +213,7 @@ def create_app(
 def _freeze_startup_heap() -> None:
     """Keep the objects of start-up (modules, FastAPI, SQLAlchemy, pydantic: ~150k) out of
     every later garbage collection: a full collection over them took 70-90 ms on these
-    machines, a pause every request in flight would wait out; frozen, it takes microseconds.
-    (It did not cure the rare 1,000 req/s p99 stalls the benchmark reports: see README.)"""
+    machines, a pause every request in flight would wait out; frozen, it takes microseconds."""
     gc.collect()
     gc.freeze()
 
