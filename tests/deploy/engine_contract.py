@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shlex
 from pathlib import Path
+from unittest import mock
 
 from server import vllm_plugin
 from server.config import Settings, env_name
@@ -24,8 +25,10 @@ def flags(argv: list[str]) -> set[str]:
 
 
 def supervisor_flags() -> set[str]:
-    """The vLLM flags `loraplex serve` passes to the engines it starts."""
-    return flags(engine_command(Settings(), 8000))
+    """The vLLM flags `loraplex serve` passes to the engines it starts, on the GPU build the
+    manifests run (on the CPU build it adds a fixed ``--kv-cache-memory-bytes``)."""
+    with mock.patch("server.config.vllm_cpu_build", return_value=False):
+        return flags(engine_command(Settings(), 8000))
 
 
 def missing_flags(script: str) -> set[str]:
