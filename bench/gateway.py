@@ -137,21 +137,20 @@ def _repeated(
     same load straight to the stub: the pair sees the same moment of a noisy host, and
     what the target adds is the median of the pairs' differences (``added_figures``).
     """
-    paired = stub is not None and stub is not target
-    direct = (
-        replace(spec, workload=replace(spec.workload, url=stub.url, api_key="")) if stub else spec
-    )
+    baseline = None  # (the stub, the same load sent to it); the stub is not paired with itself
+    if stub is not None and stub is not target:
+        baseline = (stub, replace(spec, workload=replace(spec.workload, url=stub.url, api_key="")))
     runs: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
     while len(runs) < max(1, config.open_repeats):
-        if stub is not None and paired:
-            baselines.append(_run(stub, direct))
+        if baseline is not None:
+            baselines.append(_run(*baseline))
         runs.append(_run(target, spec))
         if not _keeps_up(runs[0]):
             break
     steal = statistics.median(r["host_steal_share"] for r in runs)
     summary = {**runs[0], "runs": runs, "host_steal_share": steal}
-    if paired:
+    if baseline is not None:
         summary["baseline_runs"] = baselines
     for key in ("latency", "ttfb"):
         figures = [r[key] for r in runs if r[key].get("count")]
