@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo fleet serve test test-unit lint bench reliability clean
+.PHONY: help install demo fleet serve test test-unit lint bench bench-noisy reliability chaos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml deploy/install.sh
 	bash deploy/install.sh $(VENV) dev
 
 demo: install  ## build the demo base, start the server, send requests with the openai client
-	$(PY) -m server.demo
+	$(PY) -m server.dev.demo
 
-fleet: install  ## the production topology on loopback: 2 gateways, 2 engines, worker, PostgreSQL, S3
-	$(PY) -m server.fleet
+fleet: install  ## the production topology on loopback: 2 bases, an engine and a worker per base, 2 gateways, Redis, PostgreSQL, S3
+	$(PY) -m server.dev.fleet
 
 serve: install  ## run the gateway with one supervised engine (Ctrl-C stops both)
 	$(VENV)/bin/loraplex serve
@@ -38,9 +38,15 @@ test-unit: install  ## fast tests only (no vLLM engine)
 bench: install  ## benchmarks side by side with peers; writes bench/results/ (numbers, never asserts)
 	bash bench/run.sh
 
+bench-noisy: install  ## a quiet tenant's TTFT beside a flooding one, fair queueing off and on (real vLLM)
+	$(PY) -m bench.noisy_neighbour
+
 reliability: install  ## fuzzing, isolation probes, fault injection and load; writes docs/reliability.md
 	$(PY) -m pytest -m reliability $(PYTEST_ARGS); status=$$?; \
 	$(PY) -m tests.reliability && exit $$status
+
+chaos: install  ## the fleet under traffic while processes die for 5 min; checks; bench/results/chaos.json
+	$(PY) -m server.dev.chaos --minutes 5 $(CHAOS_ARGS)
 
 clean:  ## remove the virtualenv and the embedded state under .loraplex/
 	rm -rf $(VENV) .loraplex .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,7 @@ from bench.gateway import machine
 from bench.registry_bench import S3_BUCKET, s3_client, s3_endpoint
 from bench.results import publish
 from registry import S3BlobStore
-from server.tenancy import Tenancy
+from server.gateway.tenancy import Tenancy
 
 COMMAND = ".venv/bin/python -m bench.cold_start"
 SAMPLES = 9
@@ -81,7 +81,7 @@ def vllm_direct(client: httpx.Client, s: Session, index: int) -> dict[str, Any]:
 
 def registry_lookups(s: Session) -> dict[str, float]:
     """The gateway's routing lookup (its cache missed) and the resolver's lookup by
-    engine-side name, in process, with the gateway's and the resolver's own code.
+    LoRA name, in process, with the gateway's and the resolver's own code.
 
     Medians over every adapter of the session, each asked for once: a single timing is
     mostly the first query's own set-up (it once read 5 ms where the median is 1).
@@ -89,20 +89,20 @@ def registry_lookups(s: Session) -> dict[str, float]:
 
     async def gateway_side() -> tuple[list[float], list[str]]:
         tenancy = Tenancy(s.registry)
-        took, engine_names = [], []
+        took, lora_names = [], []
         for name in s.adapter_names:
             started = time.perf_counter()
             view = await tenancy.routing(s.tenant_id, name)
             took.append(time.perf_counter() - started)
             assert view is not None
-            engine_names.append(view.versions[max(view.versions)].engine_name)
-        return took, engine_names
+            lora_names.append(view.versions[max(view.versions)].lora_name)
+        return took, lora_names
 
-    gateway, engine_names = asyncio.run(gateway_side())
+    gateway, lora_names = asyncio.run(gateway_side())
     resolver = []
-    for engine_name in engine_names:
+    for lora_name in lora_names:
         started = time.perf_counter()
-        s.registry.version_by_engine_name(engine_name)
+        s.registry.version_by_lora_name(lora_name)
         resolver.append(time.perf_counter() - started)
     return {
         "gateway_lookup_s": statistics.median(gateway),
@@ -113,7 +113,7 @@ def registry_lookups(s: Session) -> dict[str, float]:
 def blob_fetches(s: Session, work: Path) -> dict[str, float]:
     """Blob fetch with its hash check (the store's own ``fetch``), local dir and S3."""
     view = s.registry.routing_view(s.tenant_id, s.adapter_names[0])
-    found = s.registry.version_by_engine_name(view.versions[-1].engine_name)
+    found = s.registry.version_by_lora_name(view.versions[-1].lora_name)
     local = s.registry.blobs
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

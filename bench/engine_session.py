@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
-from bench.procs import Proc, free_port, ready, start
+from bench.procs import free_port, ready, start
 from bench.targets import HUGE, REPO, VENV_BIN
+from server.dev.process import Process
 
 WORK = Path(__file__).resolve().parent / ".work" / "engine"
 DEMO_BASE = REPO / ".loraplex" / "demo-base"
@@ -59,7 +60,7 @@ class Session:
     adapter_dirs: list[Path]
     registry: Any
     tenant_id: int
-    proc: Proc
+    proc: Process
     start_seconds: float
     used: set[str] = field(default_factory=set)
     """Adapters already requested (no longer cold)."""

@@ -10,7 +10,8 @@ is a stub
 (``bench/stub_upstream.py``), so what is measured is the gateway alone.
 
 Run: ``.venv/bin/python -m bench.gateway [--quick]``; writes
-``bench/results/gateway.json``.
+``bench/results/gateway.json``. ``--targets stub,loraplex,loraplex-redis`` adds loraplex
+with its tenant limits in the machine's Redis (``LORAPLEX_REDIS_URL``), beside today's.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ LAG_METRIC = "loraplex_event_loop_lag_seconds"
 
 def loop_lag(target: targets.Running) -> dict[float, float]:
     """loraplex's event-loop lag histogram (cumulative counts by upper bound); {} for others."""
-    if target.name != "loraplex":
+    if not target.name.startswith("loraplex"):
         return {}
     with urllib.request.urlopen(target.url + "/metrics", timeout=10) as reply:
         text = reply.read().decode()
@@ -245,6 +246,7 @@ def headline(name: str, run: dict[str, Any]) -> dict[str, Any]:
 
 STARTERS: dict[str, Callable[[Path, str], targets.Running]] = {
     "loraplex": targets.start_loraplex,
+    "loraplex-redis": targets.start_loraplex_redis,
     "litellm": targets.start_litellm,
     "vllm-router": lambda work, upstream: targets.start_vllm_router(work, upstream),
 }

@@ -1,58 +1,26 @@
-"""Starting, watching and stopping the processes a benchmark measures.
+"""Starting and watching the processes a benchmark measures.
 
-CPU time comes from ``/proc/<pid>/stat`` summed over a process and all its
-descendants (and their reaped children), so multi-process targets (uvicorn
-workers, engine workers) are charged in full.
+Each runs as a :class:`server.dev.process.Process` (its own process group,
+a log of this run alone). CPU time comes from ``/proc/<pid>/stat`` summed over
+a process and all its descendants (and their reaped children), so
+multi-process targets (uvicorn workers, engine workers) are charged in full.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from server.dev.process import Process, ProcessFailed
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STOP_GRACE = 10.0
+"""Seconds a stopped target gets between SIGTERM and SIGKILL."""
 
-
-class StartTimeout(RuntimeError):
-    """A benchmarked process did not become ready; its log (named here) says why."""
-
-
-@dataclass
-class Proc:
-    """A started process, its log file and the URL that says it is up."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group it leads, then SIGKILL what is left after ``grace``."""
-        if self.popen.poll() is not None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.pid, signal.SIGKILL)
-            self.popen.wait(5)
-        except ProcessLookupError:
-            pass
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+StartTimeout = ProcessFailed
+"""What a target that never became ready raises (its message ends with its log's tail)."""
 
 
 def start(
@@ -61,20 +29,11 @@ def start(
     log: Path,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
-) -> Proc:
+) -> Process:
     """Start ``argv`` in its own process group (so stopping it stops its children too)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    handle = log.open("wb")
-    popen = subprocess.Popen(
-        argv,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        start_new_session=True,
-    )
-    handle.close()
-    return Proc(name, popen, log)
+    environment = {**os.environ, **(env or {})}
+    process = Process(name, argv, log, environment, cwd, truncate_log=True, grace=STOP_GRACE)
+    return process.start()
 
 
 def free_port() -> int:
@@ -84,30 +43,10 @@ def free_port() -> int:
         return port
 
 
-def wait_http(proc: Proc, url: str, timeout: float) -> float:
-    """Poll ``url`` until it answers 2xx; the seconds it took. Raises StartTimeout."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if proc.popen.poll() is not None:
-            raise StartTimeout(
-                f"{proc.name} exited ({proc.popen.returncode}); see {proc.log}:\n{proc.tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if 200 <= answer.status < 300:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise StartTimeout(
-        f"{proc.name} not ready at {url} after {timeout:.0f}s; see {proc.log}:\n{proc.tail()}"
-    )
-
-
-def ready(proc: Proc, url: str, timeout: float) -> float:
-    """``wait_http``, but a process that never became ready is stopped before the error."""
+def ready(proc: Process, url: str, timeout: float) -> float:
+    """Seconds until ``url`` answers 2xx; a process that never got there is stopped first."""
     try:
-        return wait_http(proc, url, timeout)
+        return proc.wait_ready(url=url, timeout=timeout, interval=0.25)
     except BaseException:
         proc.stop()
         raise

@@ -74,8 +74,8 @@ LIBRARIES = (
 SOCKET_WRITES = (
     "selector_events.py:1057",
     "_SelectorSocketTransport.write",
-    "JoinedWrites.flush",  # the gateway's answer to its client (server/app.py)
-    "_Connection.send",  # the request to the engine (server/proxy.py)
+    "JoinedWrites.flush",  # the gateway's answer to its client (server/gateway/transport.py)
+    "_Connection.send",  # the request to the engine (server/gateway/proxy.py)
     "StreamWriter._writelines",  # aiohttp's request write
 )
 """Leaf frames that are a transport write: with uvloop the send system call runs inside them."""

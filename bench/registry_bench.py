@@ -2,7 +2,7 @@
 
 Resolve: the gateway's path from (tenant, adapter name) to a routing view,
 uncached (``Registry.routing_view``, one database read) and cached (the
-gateway's ``server.tenancy.Tenancy.routing`` TTL cache), on SQLite and on
+gateway's ``server.gateway.tenancy.Tenancy.routing`` TTL cache), on SQLite and on
 PostgreSQL (127.0.0.1:5432). Upload: ``Registry.push_adapter`` of a ~100 MB
 PEFT adapter (validation, fingerprint, bundle, store) into a local blob
 directory and into S3 (a real SeaweedFS server), against the raw disk write
@@ -156,7 +156,7 @@ def _timed(call: Callable[[], Any], repeats: int) -> list[float]:
 
 def resolve_latency(registry: Any, tenant_id: int, name: str, repeats: int) -> dict[str, Any]:
     """Uncached (a database read each time) and cached (the gateway's TTL cache)."""
-    from server.tenancy import Tenancy
+    from server.gateway.tenancy import Tenancy
 
     uncached = _timed(lambda: registry.routing_view(tenant_id, name), repeats)
     tenancy = Tenancy(registry)

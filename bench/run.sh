@@ -14,6 +14,7 @@ echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" -m bench.gateway "${QUICK[@]}"
 "$PY" -m bench.registry_bench "${QUICK[@]}"
 "$PY" -m bench.engine_suite "${QUICK[@]}"
+"$PY" -m bench.noisy_neighbour "${QUICK[@]}"
 "$PY" -m bench.profile_gateway
 "$PY" -m bench.report
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1,7 +1,8 @@
 """The gateways under test, each started in front of an upstream URL.
 
 (a) the upstream itself, (b) loraplex (authentication, routing, limits, metrics
-and usage accounting all on, as in production), (c) the LiteLLM proxy with one
+and usage accounting all on, as in production), (b') the same with its tenant
+limits in Redis, as a fleet of gateways runs it, (c) the LiteLLM proxy with one
 worker, (d) vllm-router (Rust). Every target proxies the same upstream.
 """
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import peers
-from bench.procs import Proc, free_port, ready, start
+from bench.procs import free_port, ready, start
+from server.dev.process import Process
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -20,6 +22,8 @@ MODEL = "stub-model"
 START_TIMEOUT = 180.0
 HUGE = 10**12
 """Tenant limits high enough never to refuse, so the limiter runs but never answers 429."""
+BENCH_REDIS_URL = "redis://127.0.0.1:6379/15"
+"""The machine's Redis; a database of the benchmark's own (its tenants' keys expire)."""
 
 
 @dataclass
@@ -29,7 +33,7 @@ class Running:
     name: str
     url: str
     api_key: str = ""
-    proc: Proc | None = None
+    proc: Process | None = None
     """None when the target is the upstream itself (its CPU is the stub's)."""
     version: str = ""
     start_seconds: float = 0.0
@@ -67,16 +71,23 @@ def loraplex_home(work: Path, model: str) -> tuple[Path, Path, str]:
     return home, base, key
 
 
-def start_loraplex(work: Path, upstream: str, model: str = MODEL) -> Running:
+def start_loraplex(work: Path, upstream: str, model: str = MODEL, redis_url: str = "") -> Running:
+    """loraplex; with ``redis_url``, counting its tenant limits there (``loraplex-redis``)."""
+    name = "loraplex-redis" if redis_url else "loraplex"
     home, base, key = loraplex_home(work, model)
     port = free_port()
     argv = [str(VENV_BIN / "loraplex"), "serve", "--home", str(home), "--port", str(port)]
     argv += ["--engine-urls", upstream, "--served-model-name", model]
     argv += ["--base-model", str(base), "--base-revision", "bench", "--log-level", "warning"]
-    proc = start("loraplex", argv, work / "logs" / "loraplex.log", cwd=REPO)
+    env = {"LORAPLEX_REDIS_URL": redis_url} if redis_url else None
+    proc = start(name, argv, work / "logs" / f"{name}.log", env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     took = ready(proc, url + "/readyz", START_TIMEOUT)
-    return Running("loraplex", url, key, proc, version="working tree", start_seconds=took)
+    return Running(name, url, key, proc, version="working tree", start_seconds=took)
+
+
+def start_loraplex_redis(work: Path, upstream: str) -> Running:
+    return start_loraplex(work, upstream, redis_url=BENCH_REDIS_URL)
 
 
 def start_litellm(work: Path, upstream: str, model: str = MODEL) -> Running:

@@ -6,6 +6,7 @@ the value types and the errors. Nothing here knows about HTTP or engines.
 
 from registry.blobs import BlobStore, LocalBlobStore, S3BlobStore, open_blob_store
 from registry.errors import (
+    DATABASE_DOWN,
     AdapterRejected,
     Conflict,
     CorruptBlob,
@@ -16,9 +17,9 @@ from registry.errors import (
     PermissionDenied,
     RegistryError,
 )
-from registry.fingerprint import engine_name
 from registry.gates import Gate
 from registry.limits import UploadLimits
+from registry.lora_names import lora_name
 from registry.models import (
     ADMIN_SCOPE,
     CANARY,
@@ -48,6 +49,7 @@ from registry.values import (
 __all__ = [
     "ADMIN_SCOPE",
     "CANARY",
+    "DATABASE_DOWN",
     "PRODUCTION",
     "TENANT_SCOPE",
     "Actor",
@@ -80,7 +82,7 @@ __all__ = [
     "UploadLimits",
     "Usage",
     "VersionBlob",
-    "engine_name",
+    "lora_name",
     "open_blob_store",
     "tenant_ref",
 ]

@@ -39,14 +39,6 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _temp_beside(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
     """A temp file in ``dest``'s directory, removed unless the caller renamed it."""
@@ -218,11 +210,32 @@ class S3BlobStore:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
-def open_blob_store(url: str, s3_endpoint_url: str | None = None) -> BlobStore:
-    """``s3://bucket/prefix`` -> S3BlobStore; anything else is a local directory path."""
+def put_bytes(store: BlobStore, key: str, data: bytes) -> str:
+    """Store ``data`` under ``key`` (through a temporary file, as ``put`` takes files);
+    returns its SHA-256, which ``fetch_bytes`` checks."""
+    with tempfile.TemporaryDirectory(prefix="loraplex-blob-") as tmp:
+        path = Path(tmp) / "data"
+        path.write_bytes(data)
+        store.put(key, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_bytes(store: BlobStore, key: str, sha256: str) -> bytes:
+    """The blob's bytes, checked against ``sha256``."""
+    with tempfile.TemporaryDirectory(prefix="loraplex-blob-") as tmp:
+        path = Path(tmp) / "data"
+        store.fetch(key, sha256, path)
+        return path.read_bytes()
+
+
+def open_blob_store(
+    url: str, s3_endpoint_url: str | None = None, s3_client: Any = None
+) -> BlobStore:
+    """``s3://bucket/prefix`` -> S3BlobStore (through ``s3_client`` if given, for credentials
+    of its own); anything else is a local directory path."""
     if url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
             raise ValueError(f"blob URL {url!r} names no bucket; use s3://bucket/prefix")
-        return S3BlobStore(bucket, prefix, endpoint_url=s3_endpoint_url)
+        return S3BlobStore(bucket, prefix, endpoint_url=s3_endpoint_url, client=s3_client)
     return LocalBlobStore(Path(url).expanduser())

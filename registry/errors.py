@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from sqlalchemy import exc as _sql
+
+DATABASE_DOWN = (_sql.OperationalError, _sql.InterfaceError, _sql.TimeoutError)
+"""What the database driver raises while the registry database is down, restarting or
+out of connections: retryable conditions, not bugs, for every process that uses it."""
+
 
 class RegistryError(Exception):
     """Base class of every error the registry raises on purpose."""

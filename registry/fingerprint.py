@@ -3,7 +3,8 @@
 An adapter's fingerprint is a SHA-256 over its canonical form: the
 serving-relevant LoRA config (normalized, so machine-specific fields such as
 ``base_model_name_or_path`` don't matter) and every tensor in sorted-name
-order (name, dtype, shape, raw bytes). The engine-side name derives from it.
+order (name, dtype, shape, raw bytes). A version's LoRA name derives from it
+(``registry.lora_names``).
 
 A base model's fingerprint covers config.json, the tokenizer files and the
 weight index (tensor names, shapes and dtypes; not the weight bytes, which
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from registry.safetensors_io import TensorInfo, iter_tensor_bytes, read_header
-
-ENGINE_NAME_PREFIX = "lx-"
 
 # Serving-relevant LoRA config fields and the value PEFT assumes when absent.
 LORA_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -80,11 +79,6 @@ def adapter_fingerprint(
             for chunk in iter_tensor_bytes(f, info):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def engine_name(fingerprint: str) -> str:
-    """The adapter name engines see: ``lx-`` and the fingerprint's first 16 hex digits."""
-    return ENGINE_NAME_PREFIX + fingerprint[:16]
 
 
 @dataclass(frozen=True)

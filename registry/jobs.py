@@ -1,12 +1,18 @@
 """Fine-tuning files and jobs: the tables, and the queue workers claim jobs from.
 
-A job moves ``queued -> running -> succeeded | failed | cancelled`` (``validating_files``
-is the state of a job whose files are still being checked). Workers claim the oldest
+A job moves ``queued -> running -> succeeded | failed | cancelled`` (never OpenAI's
+``validating_files``: its files are checked before it is created). Workers claim the oldest
 queued job with row locking that is safe with many workers: ``SELECT ... FOR UPDATE
 SKIP LOCKED`` on PostgreSQL; on SQLite one conditional ``UPDATE`` inside a write
 transaction (SQLite serialises writers, so two workers can't win the same row). A
 running job's worker heartbeats; a reaper returns jobs whose heartbeat went stale to the
 queue, or fails them once they have used up their attempts.
+
+A job's result lands in one transaction (``complete``): its version registered, its eval
+results, its promotion and its success, and only while the completing worker still holds
+the job. A worker killed at any moment leaves all of it or none of it (at most a stored
+blob, which staging the same weights again reuses), and a worker whose job was reaped
+under it writes nothing.
 
 Everything is tenant-scoped: a foreign id raises the same ``NotFound`` as an unknown one.
 Uploaded file bytes live in the registry's blob store under ``files/<id>``.
@@ -19,24 +25,33 @@ import hashlib
 import tempfile
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from registry.errors import InvalidRequest, NotFound
-from registry.models import utcnow
-from registry.registry import Registry
+from registry import lifecycle
+from registry.adapter_names import check_adapter_name
+from registry.errors import GateFailed, InvalidRequest, NotFound
+from registry.models import (
+    PRODUCTION,
+    Adapter,
+    AdapterVersion,
+    EvalResult,
+    PromotionGate,
+    utcnow,
+)
+from registry.registry import Registry, Score, StagedVersion
 from registry.store import Store
+from registry.values import Actor, Provenance
 
-VALIDATING_FILES = "validating_files"
 QUEUED = "queued"
 RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
-STATUSES = (VALIDATING_FILES, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 FINE_TUNE_PURPOSE = "fine-tune"
 
@@ -59,6 +74,9 @@ class TrainingFile(SQLModel, table=True):
     line_count: int
     blob_key: str = Field(max_length=512)
     created_at: dt.datetime = _when()
+    deleted_at: dt.datetime | None = _when(nullable=True)
+    """Set when its owner deleted it: its bytes are gone, the row stays for the jobs and
+    dataset versions that name it."""
 
 
 class FineTuningJob(SQLModel, table=True):
@@ -83,6 +101,10 @@ class FineTuningJob(SQLModel, table=True):
     adapter_name: str = Field(max_length=128)
     """The adapter the result is registered under (and its ``fine_tuned_model``)."""
     fine_tuned_model: str | None = Field(default=None, max_length=128)
+    dataset_version_id: int | None = Field(default=None, foreign_key="dataset_versions.id")
+    """The dataset version the training file is, when it is one (set at creation)."""
+    init_version_id: int | None = Field(default=None, foreign_key="adapter_versions.id")
+    """The adapter version whose weights training starts from; None: a new adapter."""
     result: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     """Eval metrics and training summary, saved before registration so a re-run can reuse them."""
     worker_id: str | None = Field(default=None, max_length=128)
@@ -115,6 +137,28 @@ class FineTuningCheckpoint(SQLModel, table=True):
     created_at: dt.datetime = _when()
 
 
+@dataclass(frozen=True)
+class TrainedVersion:
+    """What a worker hands ``JobStore.complete``: the staged adapter, its provenance and
+    description, the job's ``result`` (eval metrics, a training summary) and the eval
+    results the version gets (a suite and metric it already has are not repeated)."""
+
+    staged: StagedVersion
+    provenance: Provenance
+    description: str
+    result: dict[str, Any]
+    scores: list[Score]
+    not_better: str | None = None
+    """Why the worker found the version no better than the base or production (with the
+    numbers). Such a version is promoted only by passing the adapter's gates: with no
+    gates, it stays unpromoted."""
+
+
+def job_actor(job_id: str) -> Actor:
+    """Who the audit log says made a job's registry changes."""
+    return Actor(f"job:{job_id}")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -134,7 +178,7 @@ class JobStore(Store):
         self, registry: Registry, *, stale_after: float = 120.0, max_attempts: int = 3
     ) -> None:
         self.registry = registry
-        self.engine, self.blobs, self.limits = registry.engine, registry.blobs, registry.limits
+        self.database, self.blobs, self.limits = registry.database, registry.blobs, registry.limits
         self.stale_after = dt.timedelta(seconds=stale_after)
         """A running job whose heartbeat is older than this is presumed orphaned."""
         self.max_attempts = max_attempts
@@ -149,10 +193,20 @@ class JobStore(Store):
         if purpose != FINE_TUNE_PURPOSE:
             raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'")
         self.registry.get_tenant(tenant_id)
+        record = self.stage_file(tenant_id, filename, content)
+        with self._write() as s:
+            s.add(record)
+        return record
+
+    def stage_file(self, tenant_id: int, filename: str, content: bytes) -> TrainingFile:
+        """Put a fine-tuning file's bytes in the blob store; the caller adds the record.
+
+        A record never written (a failed transaction) leaves only an unreferenced blob.
+        """
         record = TrainingFile(
             id=new_id("file"),
             tenant_id=tenant_id,
-            purpose=purpose,
+            purpose=FINE_TUNE_PURPOSE,
             filename=filename[:256],
             bytes=len(content),
             sha256=hashlib.sha256(content).hexdigest(),
@@ -164,21 +218,35 @@ class JobStore(Store):
             path = Path(tmp) / "upload"
             path.write_bytes(content)
             self.blobs.put(record.blob_key, path)
-        with self._write() as s:
-            s.add(record)
         return record
 
     def get_file(self, tenant_id: int, file_id: str) -> TrainingFile:
         with self._read() as s:
             record = s.get(TrainingFile, file_id)
-        if record is None or record.tenant_id != tenant_id:
+        if record is None or record.tenant_id != tenant_id or record.deleted_at is not None:
             raise _file_not_found(file_id)
         return record
 
     def list_files(self, tenant_id: int) -> list[TrainingFile]:
         with self._read() as s:
-            query = select(TrainingFile).where(TrainingFile.tenant_id == tenant_id)
+            query = select(TrainingFile).where(
+                TrainingFile.tenant_id == tenant_id, col(TrainingFile.deleted_at).is_(None)
+            )
             return list(s.exec(query.order_by(col(TrainingFile.created_at).desc())).all())
+
+    def delete_file(self, tenant_id: int, file_id: str) -> TrainingFile:
+        """Delete a file's bytes; its record stays, marked deleted, for what names it.
+
+        Deleting a deleted file again does it again (so an erasure cut short can finish).
+        """
+        with self._write() as s:
+            record = s.get(TrainingFile, file_id, with_for_update=True)
+            if record is None or record.tenant_id != tenant_id:
+                raise _file_not_found(file_id)
+            record.deleted_at = record.deleted_at or utcnow()
+            s.add(record)
+        self.blobs.delete(record.blob_key)  # after the commit: a failure leaves a stray blob
+        return record
 
     def file_content(self, record: TrainingFile) -> bytes:
         """The file's bytes, hash-verified by the blob store."""
@@ -190,7 +258,12 @@ class JobStore(Store):
     # -- jobs ----------------------------------------------------------------------
 
     def create_job(self, job: FineTuningJob) -> FineTuningJob:
-        """Insert a new job (its id, tenant and files set by the caller) and log it."""
+        """Insert a new job (its id, tenant and files set by the caller) and log it.
+
+        A job whose adapter name the registry would refuse at registration is refused
+        now (``InvalidRequest``), not after hours of training.
+        """
+        check_adapter_name(job.adapter_name)
         with self._write() as s:
             s.add(job)
             s.flush()
@@ -243,7 +316,17 @@ class JobStore(Store):
         data: dict[str, Any] | None = None,
     ) -> None:
         with self._write() as s:
-            s.add(FineTuningEvent(job_id=job_id, message=message[:4096], level=level, data=data))
+            self._event(s, job_id, message, level, data)
+
+    def _event(
+        self,
+        s: Session,
+        job_id: str,
+        message: str,
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        s.add(FineTuningEvent(job_id=job_id, message=message[:4096], level=level, data=data))
 
     def events(
         self, tenant_id: int | None, job_id: str, after: int | None = None, limit: int = 20
@@ -302,7 +385,7 @@ class JobStore(Store):
             .order_by(col(FineTuningJob.created_at), col(FineTuningJob.id))
             .limit(1)
         )
-        if self.engine.dialect.name == "postgresql":
+        if self.database.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
         # SQLite: this write transaction began IMMEDIATE, so no other writer runs until commit.
         return s.exec(query).first()
@@ -319,10 +402,6 @@ class JobStore(Store):
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    def save_result(self, job_id: str, worker_id: str, result: dict[str, Any]) -> bool:
-        """Record metrics before registration; False if the job is no longer this worker's."""
-        return self._finish_step(job_id, worker_id, {"result": result}, RUNNING)
-
     def succeed(self, job_id: str, worker_id: str, fine_tuned_model: str) -> bool:
         values = {"fine_tuned_model": fine_tuned_model, "finished_at": utcnow()}
         return self._finish_step(job_id, worker_id, values, SUCCEEDED)
@@ -336,16 +415,89 @@ class JobStore(Store):
     ) -> bool:
         """Set ``values`` and ``status`` only while this worker still runs the job."""
         with self._write() as s:
-            job = s.get(FineTuningJob, job_id, with_for_update=True)
-            if job is None or job.worker_id != worker_id or job.status != RUNNING:
+            job = self._held(s, job_id, worker_id)
+            if job is None:
                 return False
             for name, value in values.items():
                 setattr(job, name, value)
-            job.status = status
-            s.add(job)
-            if status != RUNNING:
-                s.add(FineTuningEvent(job_id=job_id, message=f"Job {status}", data=job.error))
+            self._end(s, job, status)
         return True
+
+    def _held(self, s: Session, job_id: str, worker_id: str) -> FineTuningJob | None:
+        """The job, row-locked, while ``worker_id`` runs it; None once it is not its own."""
+        job = s.get(FineTuningJob, job_id, with_for_update=True)
+        if job is None or job.worker_id != worker_id or job.status != RUNNING:
+            return None
+        return job
+
+    def _end(self, s: Session, job: FineTuningJob, status: str) -> None:
+        job.status = status
+        s.add(job)
+        s.add(FineTuningEvent(job_id=job.id, message=f"Job {status}", data=job.error))
+
+    def complete(self, job_id: str, worker_id: str, trained: TrainedVersion) -> str | None:
+        """Register, score and promote the trained version and succeed the job, in one
+        transaction and only while ``worker_id`` still runs the job.
+
+        Returns the job's ``fine_tuned_model``: the adapter's name, or ``name@N`` when
+        promotion gates refuse the version, or when it has no gates and the worker found
+        it ``not_better``. None, with nothing written, when the job is
+        no longer this worker's (cancelled, or reaped after a stall).
+        """
+        return self._retrying(lambda: self._complete_once(job_id, worker_id, trained))
+
+    def _complete_once(self, job_id: str, worker_id: str, trained: TrainedVersion) -> str | None:
+        actor = job_actor(job_id)
+        with self._write() as s:
+            # The job's row first, then the adapter's: no transaction locks them the other
+            # way round, so a completion never deadlocks with a heartbeat or a promotion.
+            job = self._held(s, job_id, worker_id)
+            if job is None:
+                return None
+            staged, provenance = trained.staged, trained.provenance
+            version = self.registry.push_in(s, staged, actor, provenance, trained.description)
+            self._event(s, job_id, f"Registered {job.adapter_name} version {version.number}")
+            self._score(s, version, trained, actor)
+            job.fine_tuned_model = self._promote(s, job, version, trained, actor)
+            job.result, job.finished_at = trained.result, utcnow()
+            self._end(s, job, SUCCEEDED)
+        return job.fine_tuned_model
+
+    def _score(
+        self, s: Session, version: AdapterVersion, trained: TrainedVersion, actor: Actor
+    ) -> None:
+        # The version may hold weights pushed before (an upload, or another job's).
+        query = select(EvalResult).where(EvalResult.version_id == version.id)
+        stored = {(r.suite, r.metric) for r in s.exec(query)}
+        for score in trained.scores:
+            if (score.suite, score.metric) not in stored:
+                self.registry.add_eval_result_in(s, version, score, actor)
+
+    def _promote(
+        self,
+        s: Session,
+        job: FineTuningJob,
+        version: AdapterVersion,
+        trained: TrainedVersion,
+        actor: Actor,
+    ) -> str:
+        """Point production at the version; the name clients call (pinned if not promoted)."""
+        adapter = s.get(Adapter, version.adapter_id)
+        assert adapter is not None and adapter.id is not None
+        current = lifecycle.aliases(s, adapter.id).get(PRODUCTION)
+        if current is not None and current.version_id == version.id:
+            return job.adapter_name
+        gated = s.exec(select(PromotionGate).where(PromotionGate.adapter_id == adapter.id))
+        if trained.not_better is not None and gated.first() is None:
+            self._event(s, job.id, f"Not promoted: {trained.not_better}", level="warn")
+            return f"{job.adapter_name}@{version.number}"
+        try:
+            self.registry.promote_in(s, adapter, version, actor)
+        except GateFailed as exc:
+            self._event(s, job.id, f"Not promoted: {exc}", level="warn")
+            return f"{job.adapter_name}@{version.number}"
+        self._event(s, job.id, f"Promoted version {version.number} to production")
+        return job.adapter_name
 
     def reap(self, now: dt.datetime | None = None) -> list[str]:
         """Re-queue (or fail, after ``max_attempts``) running jobs with a stale heartbeat."""
@@ -355,7 +507,7 @@ class JobStore(Store):
             query = select(FineTuningJob).where(
                 FineTuningJob.status == RUNNING, col(FineTuningJob.heartbeat_at) < cutoff
             )
-            if self.engine.dialect.name == "postgresql":
+            if self.database.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             for job in s.exec(query).all():
                 reaped.append(job.id)

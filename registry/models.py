@@ -96,7 +96,7 @@ class AdapterVersion(SQLModel, table=True):
     adapter_id: int = Field(foreign_key="adapters.id", index=True)
     number: int
     fingerprint: str = Field(max_length=64, index=True)
-    engine_name: str = Field(max_length=32, index=True)
+    lora_name: str = Field(max_length=32, index=True)
     base_id: int = Field(foreign_key="base_models.id", index=True)
     rank: int
     alpha: float

@@ -5,24 +5,24 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from registry import audit, lifecycle
+from registry.adapter_names import check_adapter_name
 from registry.archive import UploadSource, stage_upload
 from registry.bases import BasesMixin
 from registry.blobs import BlobStore, Progress
 from registry.bundle import build_bundle
-from registry.db import make_engine, migrate
+from registry.db import migrate, open_database
 from registry.errors import AdapterRejected, Conflict, GateFailed, NotFound, PermissionDenied
-from registry.fingerprint import engine_name
 from registry.gates import Gate, gate_failures
 from registry.limits import UploadLimits
+from registry.lora_names import lora_name
 from registry.models import (
     ARCHIVED,
     PRODUCTION,
@@ -46,6 +46,30 @@ def _unknown_adapter(name: str) -> NotFound:
     return NotFound(f"adapter {name!r} does not exist; list your adapters to see the names")
 
 
+@dataclass(frozen=True)
+class StagedVersion:
+    """An upload validated against its base and its blob stored, to become a version of
+    adapter ``name`` (``push_in``); its ``columns`` hold at least its fingerprint, and
+    ``existing`` is the version already holding these weights, if one does."""
+
+    tenant_id: int
+    name: str
+    columns: dict[str, Any]
+    existing: AdapterVersion | None = None
+
+
+@dataclass(frozen=True)
+class Score:
+    """What one eval result records: a metric's value in a suite, and how many examples,
+    with what SHA-256, it was measured on."""
+
+    suite: str
+    metric: str
+    value: float
+    sample_count: int | None = None
+    dataset_sha256: str | None = None
+
+
 class Registry(TenancyMixin, BasesMixin, ServingMixin):
     """Adapters, versions, bases, tenants, keys, lifecycle and audit, on SQL + a blob store."""
 
@@ -57,7 +81,7 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
         *,
         auto_migrate: bool = True,
     ) -> None:
-        self.engine: Engine = make_engine(database_url)
+        self.database: Engine = open_database(database_url)
         self.blobs = blobs
         self.limits = limits or UploadLimits()
         if auto_migrate:
@@ -65,10 +89,10 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
 
     def migrate(self) -> None:
         """Create or upgrade the schema (``alembic upgrade head``)."""
-        migrate(self.engine)
+        migrate(self.database)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.database.dispose()
 
     # -- adapters and versions ---------------------------------------------
 
@@ -85,21 +109,48 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
     ) -> AdapterVersion:
         """Validate and store an upload as the adapter's next version (idempotent per content).
 
-        ``progress(sent, total)`` is called while the blob goes to the blob store.
+        ``progress(sent, total)`` is called while the blob goes to the blob store. Names
+        that no request can address, or that lie in the LoRA namespace, are refused
+        (``InvalidRequest``) before anything is uploaded.
         """
+        staged = self.stage_adapter(tenant_id, name, source, base, progress)
+        if staged.existing is not None:
+            return staged.existing
+
+        def push() -> AdapterVersion:
+            with self._write() as s:
+                return self.push_in(s, staged, actor, provenance, description)
+
+        return self._retrying(push)
+
+    def stage_adapter(
+        self,
+        tenant_id: int,
+        name: str,
+        source: UploadSource,
+        base: str,
+        progress: Progress | None = None,
+    ) -> StagedVersion:
+        """Validate an upload and store its blob, registering nothing yet (see ``push_in``).
+
+        Staging the same weights again finds the blob stored (a no-op), so a caller
+        killed between staging and registering loses nothing by staging again.
+        """
+        check_adapter_name(name)
         self.get_tenant(tenant_id)
         with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as tmp:
             pinned, adapter = self._stage_and_validate(Path(tmp), source, base)
             with self._read() as s:
                 same = self._version_by_fingerprint(s, tenant_id, name, adapter.fingerprint)
             if same is not None:
-                return self._existing(same, pinned)
+                existing = self._existing(same, pinned)
+                return StagedVersion(tenant_id, name, {"fingerprint": same.fingerprint}, existing)
             key = f"adapters/{adapter.fingerprint}.tar"
             sha256, size = build_bundle(adapter, Path(tmp) / "bundle.tar")
             self.blobs.put(key, Path(tmp) / "bundle.tar", progress)
-        version = dict(
+        columns = dict(
             fingerprint=adapter.fingerprint,
-            engine_name=engine_name(adapter.fingerprint),
+            lora_name=lora_name(adapter.fingerprint),
             base_id=pinned.id,
             rank=adapter.rank,
             alpha=adapter.alpha,
@@ -107,9 +158,8 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
             size_bytes=size,
             blob_sha256=sha256,
             blob_key=key,
-            created_by=actor.name,
         )
-        return self._insert_version(tenant_id, name, version, provenance, description, actor)
+        return StagedVersion(tenant_id, name, columns)
 
     def _stage_and_validate(
         self, tmp: Path, source: UploadSource, base: str
@@ -151,62 +201,47 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
             .where(AdapterVersion.fingerprint == fingerprint)
         ).first()
 
-    def _insert_version(
+    def push_in(
         self,
-        tenant_id: int,
-        name: str,
-        version: dict[str, Any],
-        provenance: Provenance | None,
-        description: str | None,
+        s: Session,
+        staged: StagedVersion,
         actor: Actor,
+        provenance: Provenance | None = None,
+        description: str | None = None,
     ) -> AdapterVersion:
-        retries = 2
-        while True:
-            try:
-                return self._insert_version_once(
-                    tenant_id, name, version, provenance, description, actor
-                )
-            except IntegrityError:
-                # A concurrent push created the adapter or this very version first; the
-                # next attempt finds it (and returns the version if it is this one).
-                if retries == 0:
-                    raise
-                retries -= 1
-
-    def _insert_version_once(
-        self,
-        tenant_id: int,
-        name: str,
-        fields: dict[str, Any],
-        provenance: Provenance | None,
-        description: str | None,
-        actor: Actor,
-    ) -> AdapterVersion:
-        with self._write() as s:
-            adapter = self._adapter(s, tenant_id, name, lock=True, create=True)
-            same = self._version_by_fingerprint(s, tenant_id, name, fields["fingerprint"])
-            if same is not None:
-                return same
-            if description is not None and description != adapter.description:
-                adapter.description = description
-                s.add(adapter)
-            last = s.exec(
-                select(func.max(AdapterVersion.number)).where(
-                    AdapterVersion.adapter_id == adapter.id
-                )
-            ).one()
-            version = AdapterVersion(adapter_id=adapter.id or 0, number=(last or 0) + 1, **fields)
-            self._apply_provenance(s, adapter, version, provenance)
-            s.add(version)
-            s.flush()
-            audit.record(
-                s,
-                actor.name,
-                "adapter.push",
-                self._subject(s, adapter, version.number),
-                tenant_id=tenant_id,
-                after=_version_summary(version),
-            )
+        """Register a staged upload as the adapter's next version in the caller's write
+        transaction (locking the adapter's row); the version already holding these
+        weights if there is one. A concurrent push of the same weights can make the
+        transaction fail with ``IntegrityError``: run it again (``Store._retrying``)."""
+        tenant_id, name = staged.tenant_id, staged.name
+        adapter = self._adapter(s, tenant_id, name, lock=True, create=True)
+        same = self._version_by_fingerprint(s, tenant_id, name, staged.columns["fingerprint"])
+        if same is not None:
+            return same
+        assert staged.existing is None, "a registered version is never deleted"
+        if description is not None and description != adapter.description:
+            adapter.description = description
+            s.add(adapter)
+        last = s.exec(
+            select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == adapter.id)
+        ).one()
+        version = AdapterVersion(
+            adapter_id=adapter.id or 0,
+            number=(last or 0) + 1,
+            created_by=actor.name,
+            **staged.columns,
+        )
+        self._apply_provenance(s, adapter, version, provenance)
+        s.add(version)
+        s.flush()
+        audit.record(
+            s,
+            actor.name,
+            "adapter.push",
+            self._subject(s, adapter, version.number),
+            tenant_id=tenant_id,
+            after=_version_summary(version),
+        )
         return version
 
     def _apply_provenance(
@@ -291,27 +326,28 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
         sample_count: int | None = None,
         dataset_sha256: str | None = None,
     ) -> EvalResult:
+        score = Score(suite, metric, value, sample_count, dataset_sha256)
         with self._write() as s:
-            adapter = self._adapter(s, tenant_id, name)
-            version = self._version(s, adapter, number)
-            result = EvalResult(
-                version_id=version.id or 0,
-                suite=suite,
-                metric=metric,
-                value=value,
-                sample_count=sample_count,
-                dataset_sha256=dataset_sha256,
-                created_by=actor.name,
-            )
-            s.add(result)
-            audit.record(
-                s,
-                actor.name,
-                "adapter.eval",
-                self._subject(s, adapter, number),
-                tenant_id=tenant_id,
-                after={"suite": suite, "metric": metric, "value": value},
-            )
+            version = self._version(s, self._adapter(s, tenant_id, name), number)
+            return self.add_eval_result_in(s, version, score, actor)
+
+    def add_eval_result_in(
+        self, s: Session, version: AdapterVersion, score: Score, actor: Actor
+    ) -> EvalResult:
+        """Record an eval result of ``version`` in the caller's write transaction."""
+        adapter = s.get(Adapter, version.adapter_id)
+        assert adapter is not None  # a version's adapter is never deleted
+        result = EvalResult(version_id=version.id or 0, created_by=actor.name, **asdict(score))
+        s.add(result)
+        after = {"suite": score.suite, "metric": score.metric, "value": score.value}
+        audit.record(
+            s,
+            actor.name,
+            "adapter.eval",
+            self._subject(s, adapter, version.number),
+            tenant_id=adapter.tenant_id,
+            after=after,
+        )
         return result
 
     def eval_results(self, tenant_id: int, name: str, number: int) -> list[EvalResult]:
@@ -348,26 +384,42 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
 
     @contextlib.contextmanager
     def _locked(
-        self, tenant_id: int, name: str, actor: Actor
+        self, tenant_id: int, name: str, actor: Actor, number: int | None = None
     ) -> Iterator[tuple[Session, Adapter, lifecycle.Change]]:
+        """The adapter's row, locked, and the change the audit log records (of ``number``)."""
         with self._write() as s:
             adapter = self._adapter(s, tenant_id, name, lock=True)
-            yield s, adapter, lifecycle.Change(actor.name, self._subject(s, adapter), tenant_id)
+            subject = self._subject(s, adapter, number)
+            yield s, adapter, lifecycle.Change(actor.name, subject, tenant_id)
 
     def promote(
         self, tenant_id: int, name: str, number: int, actor: Actor, override: bool = False
     ) -> AdapterVersion:
         """Point ``production`` at a version; gates must pass unless an admin overrides."""
-        with self._locked(tenant_id, name, actor) as (s, adapter, change):
+        with self._write() as s:
+            adapter = self._adapter(s, tenant_id, name, lock=True)
             version = self._version(s, adapter, number)
-            failures = self._gate_failures(s, adapter, version)
-            if failures and not override:
-                raise GateFailed(failures)
-            if failures and not actor.admin:
-                raise PermissionDenied("only admins may override promotion gates")
-            extra = {"override": True, "failed_gates": failures} if failures else None
-            lifecycle.promote(s, adapter, version, change, extra)
+            self.promote_in(s, adapter, version, actor, override)
         return version
+
+    def promote_in(
+        self,
+        s: Session,
+        adapter: Adapter,
+        version: AdapterVersion,
+        actor: Actor,
+        override: bool = False,
+    ) -> None:
+        """``promote`` in the caller's write transaction, which holds the adapter's row
+        lock; ``GateFailed`` and ``PermissionDenied`` come before anything is written."""
+        failures = self._gate_failures(s, adapter, version)
+        if failures and not override:
+            raise GateFailed(failures)
+        if failures and not actor.admin:
+            raise PermissionDenied("only admins may override promotion gates")
+        extra = {"override": True, "failed_gates": failures} if failures else None
+        change = lifecycle.Change(actor.name, self._subject(s, adapter), adapter.tenant_id)
+        lifecycle.promote(s, adapter, version, change, extra)
 
     def _gate_failures(self, s: Session, adapter: Adapter, version: AdapterVersion) -> list[str]:
         assert adapter.id is not None and version.id is not None
@@ -414,9 +466,8 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
     def _set_state(
         self, tenant_id: int, name: str, number: int, state: str, actor: Actor
     ) -> AdapterVersion:
-        with self._locked(tenant_id, name, actor) as (s, adapter, change):
+        with self._locked(tenant_id, name, actor, number) as (s, adapter, change):
             version = self._version(s, adapter, number)
-            change = lifecycle.Change(actor.name, self._subject(s, adapter, number), tenant_id)
             lifecycle.set_state(s, adapter, version, state, change)
         return version
 
@@ -445,7 +496,7 @@ def _version_summary(version: AdapterVersion) -> dict[str, Any]:
     return {
         "version": version.number,
         "fingerprint": version.fingerprint,
-        "engine_name": version.engine_name,
+        "lora_name": version.lora_name,
         "base_id": version.base_id,
         "rank": version.rank,
         "size_bytes": version.size_bytes,

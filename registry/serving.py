@@ -1,4 +1,4 @@
-"""What engines and the router read: routing views, engine-name lookups, verified fetches."""
+"""What engines and the router read: routing views, LoRA-name lookups, verified fetches."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class ServingMixin(Store):
             aliases = {
                 alias.name: AliasTarget(
                     by_id[alias.version_id].number,
-                    by_id[alias.version_id].engine_name,
+                    by_id[alias.version_id].lora_name,
                     alias.weight,
                 )
                 for alias in lifecycle.aliases(s, adapter.id).values()
@@ -44,13 +44,13 @@ class ServingMixin(Store):
             }
         return RoutingView(adapter.id, tenant_id, adapter.name, list(versions), aliases)
 
-    def version_by_engine_name(self, name: str) -> VersionBlob | None:
-        """The active version an engine-side name (``lx-...``) refers to, with its blob and base."""
+    def version_by_lora_name(self, name: str) -> VersionBlob | None:
+        """The active version a LoRA name refers to, with its blob and base."""
         with self._read() as s:
             row = s.exec(
                 select(AdapterVersion, BaseModelRecord)
                 .join(BaseModelRecord, col(BaseModelRecord.id) == AdapterVersion.base_id)
-                .where(AdapterVersion.engine_name == name, AdapterVersion.state == ACTIVE)
+                .where(AdapterVersion.lora_name == name, AdapterVersion.state == ACTIVE)
                 .order_by(col(AdapterVersion.id))
             ).first()
         if row is None:
@@ -65,7 +65,7 @@ class ServingMixin(Store):
 
         ``found``: the version's record, when the caller has just looked it up.
         """
-        found = found or self.version_by_engine_name(name)
+        found = found or self.version_by_lora_name(name)
         if found is None:
             raise NotFound(f"no active adapter version is named {name!r} on engines")
         dest = Path(dest_dir) / name

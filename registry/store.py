@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from registry.blobs import BlobStore
@@ -14,25 +16,41 @@ from registry.errors import NotFound
 from registry.limits import UploadLimits
 from registry.models import Tenant
 
+T = TypeVar("T")
+
 
 class Store:
-    """Engine, blob store and upload limits, with read and write transactions."""
+    """Database, blob store and upload limits, with read and write transactions."""
 
-    engine: Engine
+    database: Engine
     blobs: BlobStore
     limits: UploadLimits
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with Session(self.database, expire_on_commit=False) as session:
             yield session
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:
         """One transaction: commits on success, rolls back on any error."""
-        engine = self.engine.execution_options(**{WRITE_OPTION: True})
-        with Session(engine, expire_on_commit=False) as session, session.begin():
+        writer = self.database.execution_options(**{WRITE_OPTION: True})
+        with Session(writer, expire_on_commit=False) as session, session.begin():
             yield session
+
+    def _retrying(self, write: Callable[[], T], retries: int = 2) -> T:
+        """``write()`` (a whole write transaction), run again after an ``IntegrityError``.
+
+        A concurrent push may create the adapter or the very same version first; the
+        next run finds it (and uses the version if it holds the same weights).
+        """
+        while True:
+            try:
+                return write()
+            except IntegrityError:
+                if retries == 0:
+                    raise
+                retries -= 1
 
     def _tenant(self, s: Session, tenant: int | str, lock: bool = False) -> Tenant:
         column = Tenant.id if isinstance(tenant, int) else Tenant.name

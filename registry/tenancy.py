@@ -165,7 +165,7 @@ class TenancyMixin(Store):
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
         }
-        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        insert = pg_insert if self.database.dialect.name == "postgresql" else sqlite_insert
         table = Usage.__table__  # type: ignore[attr-defined]
         stmt = insert(table).values(**values)
         stmt = stmt.on_conflict_do_update(

@@ -73,7 +73,7 @@ class AliasTarget:
     """Where an alias points, for the router."""
 
     version: int
-    engine_name: str
+    lora_name: str
     weight: float
 
 

@@ -5,6 +5,7 @@ Time comes in as an argument and randomness as a stable hash, so every
 decision is reproducible in a unit test.
 """
 
+from router.fairness import FairQueue, Ticket
 from router.health import HealthConfig, ReplicaHealth, Transition
 from router.limits import (
     Admission,
@@ -16,13 +17,10 @@ from router.limits import (
     TokenBucket,
 )
 from router.names import (
-    ENGINE_NAME_PREFIX,
     MAX_MODEL_NAME_LENGTH,
     InvalidModelName,
     ModelRef,
     RefKind,
-    is_reserved_adapter_name,
-    is_valid_adapter_name,
     parse_model_name,
 )
 from router.placement import (
@@ -50,7 +48,6 @@ from router.versions import (
 
 __all__ = [
     "CANARY",
-    "ENGINE_NAME_PREFIX",
     "MAX_MODEL_NAME_LENGTH",
     "PINNED",
     "PRODUCTION",
@@ -60,6 +57,7 @@ __all__ = [
     "Choice",
     "Denied",
     "DenyReason",
+    "FairQueue",
     "HashRing",
     "HealthConfig",
     "InvalidModelName",
@@ -76,13 +74,12 @@ __all__ = [
     "ReplicaLike",
     "RoutingView",
     "TenantLimits",
+    "Ticket",
     "TokenBucket",
     "Transition",
     "VersionState",
     "VersionView",
     "canary_bucket",
     "choose_version",
-    "is_reserved_adapter_name",
-    "is_valid_adapter_name",
     "parse_model_name",
 ]

@@ -62,6 +62,14 @@ class ReplicaHealth:
             return None  # sent before the ejection; only probes decide readmission
         return self._outcome(ok, now)
 
+    def record_unreachable(self, now: float) -> Transition | None:
+        """Record that a request could not reach the replica at all (connection refused,
+        reset or timed out before any answer): it is ejected at once, since every further
+        request would only wait for the same failure; probes readmit it as usual."""
+        if not self.healthy:
+            return None
+        return self._set(False, now)
+
     def record_probe(self, ok: bool, now: float) -> Transition | None:
         """Record a health probe's outcome."""
         self.last_probe_at = now

@@ -153,7 +153,7 @@ class Limiter:
         takes effect here, keeping the usage already counted. A denial charges nothing.
         """
         state = self._state(tenant, limits, now)
-        denied = _permanent_denial(limits, total_tokens) or _temporary_denial(
+        denied = permanent_denial(limits, total_tokens) or _temporary_denial(
             state, total_tokens, now
         )
         if denied is not None:
@@ -198,8 +198,9 @@ class Limiter:
         return state
 
 
-def _permanent_denial(limits: TenantLimits, total_tokens: int) -> Denied | None:
-    # Either way the same request can never pass: retrying is pointless (no Retry-After).
+def permanent_denial(limits: TenantLimits, total_tokens: int) -> Denied | None:
+    """The denial of a request longer than a limit, which no count can ever admit; None
+    if it fits. Retrying is pointless, so it carries no Retry-After."""
     for limit, reason, advice in (
         (limits.max_total_tokens, DenyReason.MAX_TOTAL_TOKENS, "shorten the prompt or lower"),
         (limits.tokens_per_minute, DenyReason.TOKENS_PER_MINUTE, "lower"),
@@ -217,12 +218,7 @@ def _permanent_denial(limits: TenantLimits, total_tokens: int) -> Denied | None:
 def _temporary_denial(state: _TenantState, total_tokens: int, now: float) -> Denied | None:
     limits = state.limits
     if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
-        return Denied(
-            DenyReason.MAX_CONCURRENT,
-            CONCURRENCY_RETRY_AFTER,
-            f"{state.in_flight} of your requests are in flight, your limit is "
-            f"{limits.max_concurrent}: wait for one to finish",
-        )
+        return at_concurrency_cap(state.in_flight, limits.max_concurrent)
     waits = [
         (bucket.wait(amount, now), reason)
         for bucket, amount, reason in (
@@ -234,8 +230,21 @@ def _temporary_denial(state: _TenantState, total_tokens: int, now: float) -> Den
     wait, reason = max(waits, default=(0.0, DenyReason.REQUESTS_PER_MINUTE))
     if wait <= 0.0:
         return None
+    return over_rate(reason, wait)
+
+
+def at_concurrency_cap(in_flight: int, limit: int) -> Denied:
+    """The denial of a tenant with ``in_flight`` requests at its concurrency ``limit``."""
     return Denied(
-        reason,
-        wait,
-        f"over your {reason.value.replace('_', ' ')} limit; retry in {wait:.1f} s",
+        DenyReason.MAX_CONCURRENT,
+        CONCURRENCY_RETRY_AFTER,
+        f"{in_flight} of your requests are in flight, your limit is {limit}: "
+        "wait for one to finish",
+    )
+
+
+def over_rate(reason: DenyReason, wait: float) -> Denied:
+    """The denial of a request a rate bucket can admit in ``wait`` seconds."""
+    return Denied(
+        reason, wait, f"over your {reason.value.replace('_', ' ')} limit; retry in {wait:.1f} s"
     )

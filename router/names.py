@@ -2,9 +2,9 @@
 
 Accepted forms: the base model's served name, ``adapter`` (alias ``production``
 or the canary split), ``adapter@N`` (pinned version N >= 1) and
-``adapter:alias``. Engine-side names (``lx-`` + hex) are recognised so the
-gateway can answer them exactly like an unknown name: they must never reach an
-engine from outside.
+``adapter:alias``. The router knows nothing of the names engines load
+versions under: a string in that namespace parses as any adapter form would,
+and the gateway answers it exactly like an unknown name.
 
 Matching is exact and case-sensitive over ASCII only: no Unicode normalisation,
 so a look-alike (Cyrillic a U+0430, fullwidth digits, the Kelvin sign) can never
@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 MAX_MODEL_NAME_LENGTH = 128
-ENGINE_NAME_PREFIX = "lx-"
 
 # Explicit ASCII classes: ``\d`` and ``\w`` would accept Unicode digits/letters.
+# The registry creates adapters under this same form (tests/registry/test_adapter_names.py).
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _VERSION = r"[1-9][0-9]{0,8}"  # no leading zeros, so each version has one spelling
 _ADAPTER_RE = re.compile(rf"(?P<name>{_NAME})(?:@(?P<version>{_VERSION})|:(?P<alias>{_NAME}))?")
-_NAME_RE = re.compile(_NAME)
-_ENGINE_RE = re.compile(r"lx-[0-9a-f]{1,64}")
 _FORBIDDEN_CHAR_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
@@ -41,7 +39,6 @@ class RefKind(StrEnum):
     ADAPTER = "adapter"
     PINNED = "pinned"
     ALIAS = "alias"
-    ENGINE = "engine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +48,7 @@ class ModelRef:
     kind: RefKind
     """Which of the accepted forms the string has."""
     name: str
-    """The base's served name, the adapter name, or the engine-side name."""
+    """The base's served name or the adapter name."""
     version: int | None = None
     """The pinned version number (``PINNED`` only)."""
     alias: str | None = None
@@ -67,8 +64,6 @@ def parse_model_name(model: str, base_names: Container[str]) -> ModelRef:
     _check_characters(model)
     if model in base_names:
         return ModelRef(RefKind.BASE, model)
-    if _ENGINE_RE.fullmatch(model):
-        return ModelRef(RefKind.ENGINE, model)
     match = _ADAPTER_RE.fullmatch(model)
     if match is None:
         raise InvalidModelName(
@@ -76,24 +71,11 @@ def parse_model_name(model: str, base_names: Container[str]) -> ModelRef:
             "'adapter', 'adapter@N' (N >= 1) or 'adapter:alias'"
         )
     name = match["name"]
-    if is_reserved_adapter_name(name):
-        # lx-... with a suffix is still engine territory: answer it like an unknown name.
-        return ModelRef(RefKind.ENGINE, model)
     if match["version"] is not None:
         return ModelRef(RefKind.PINNED, name, version=int(match["version"]))
     if match["alias"] is not None:
         return ModelRef(RefKind.ALIAS, name, alias=match["alias"])
     return ModelRef(RefKind.ADAPTER, name)
-
-
-def is_valid_adapter_name(name: str) -> bool:
-    """Whether ``name`` may name an adapter (or an alias); the registry should refuse others."""
-    return _NAME_RE.fullmatch(name) is not None and not is_reserved_adapter_name(name)
-
-
-def is_reserved_adapter_name(name: str) -> bool:
-    """Whether ``name`` falls in the engine-side namespace (``lx-``, any case)."""
-    return name[: len(ENGINE_NAME_PREFIX)].lower() == ENGINE_NAME_PREFIX
 
 
 def _check_characters(model: str) -> None:

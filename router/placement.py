@@ -79,7 +79,7 @@ class Replica:
     in_flight: int = 0
     """Requests sent to it and not yet finished."""
     resident: frozenset[str] = field(default_factory=frozenset)
-    """Engine-side adapter names it currently holds."""
+    """LoRA names of the adapter versions it currently holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ class Placer:
     ) -> list[R]:
         """Healthy replicas of ``base_fingerprint``, preferred first, for ``adapter``.
 
-        ``adapter`` is the engine-side adapter name, or None for the base model itself.
+        ``adapter`` is the LoRA name of the adapter version, or None for the base model itself.
 
         Raises:
             NoReplica: no replica of that base is configured, or none is healthy.

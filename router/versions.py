@@ -43,8 +43,8 @@ class VersionView:
 
     number: int
     """Version number, 1 upwards."""
-    engine_name: str
-    """Engine-side LoRA name (``lx-`` + fingerprint prefix)."""
+    lora_name: str
+    """The name engines load this version under (the registry mints it)."""
     base_fingerprint: str
     """Fingerprint of the base model this version is pinned to."""
     state: VersionState = VersionState.ACTIVE
@@ -100,7 +100,7 @@ def choose_version(view: RoutingView, ref: ModelRef, stickiness_key: str) -> Cho
 
     Raises:
         NoServableVersion: the version or alias does not exist or is retired/archived.
-        ValueError: ``ref`` names no adapter version (a base or engine name).
+        ValueError: ``ref`` names no adapter version (it names a base).
     """
     if ref.kind is RefKind.PINNED and ref.version is not None:
         return Choice(_servable(view, ref.version, f"version {ref.version}"), PINNED)

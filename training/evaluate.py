@@ -26,7 +26,8 @@ from training.schema import is_compliant
 
 CANDIDATE = "candidate"
 BASE = "base"
-PRODUCTION = "production"
+INCUMBENT = "production"
+"""The label of the adapter's current production version among the scored models."""
 MAX_NEW_TOKENS = 256
 """Upper bound on generated tokens per test prompt (answers longer than this can't match)."""
 GENERATION_BATCH = 16
@@ -85,11 +86,18 @@ class Evaluator:
             yield self.model
 
     @torch.no_grad()
+    def answers(self, name: str) -> list[str]:
+        """The greedy answers of ``name`` to the test prompts, in order, as ``score`` judges
+        them (special tokens dropped, not yet trimmed)."""
+        with self._using(name) as model:
+            return self._generate(model)
+
+    @torch.no_grad()
     def score(self, name: str) -> EvalMetrics:
         """Metrics of ``name`` (``base`` or a loaded adapter's name)."""
         with self._using(name) as model:
             loss = self._loss(model)
-            answers = self._generate(model)
+        answers = self.answers(name)
         exact = [a.strip() == t.answer for a, t in zip(answers, self.turns, strict=True)]
         compliance = None
         if self.schema is not None:
@@ -127,15 +135,21 @@ class Evaluator:
         # Left padding: every prompt ends where generation starts.
         ids = torch.tensor([[self._pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        budget = max(len(tokenize_text(self.tokenizer, t.answer_text, False)) for t in turns)
         output = model.generate(  # type: ignore[operator]
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
-            max_new_tokens=min(MAX_NEW_TOKENS, budget + 8),
+            max_new_tokens=new_token_budget(self.tokenizer, turns),
             do_sample=False,
             pad_token_id=self._pad_id,
         )
         return decode_answers(self.tokenizer, output[:, width:])
+
+
+def new_token_budget(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> int:
+    """Generated tokens allowed for one batch of prompts: its longest reference answer plus
+    a little slack (a longer answer cannot match), at most ``MAX_NEW_TOKENS``."""
+    budget = max(len(tokenize_text(tokenizer, t.answer_text, False)) for t in turns)
+    return min(MAX_NEW_TOKENS, budget + 8)
 
 
 def decode_answers(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) -> list[str]:
@@ -156,6 +170,6 @@ def compare_on_test(
     evaluator.add_adapter(CANDIDATE, candidate_dir)
     names = [CANDIDATE, BASE]
     if production_dir is not None:
-        evaluator.add_adapter(PRODUCTION, production_dir)
-        names.append(PRODUCTION)
+        evaluator.add_adapter(INCUMBENT, production_dir)
+        names.append(INCUMBENT)
     return {name: evaluator.score(name) for name in names}

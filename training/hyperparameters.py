@@ -1,15 +1,16 @@
 """OpenAI fine-tuning hyperparameters -> ``TrainConfig``.
 
 OpenAI's names (``n_epochs``, ``batch_size``, ``learning_rate_multiplier``, ``beta``;
-``"auto"`` meaning "the default") map onto the recipe's fields; any ``TrainConfig``
-field (``r``, ``alpha``, ``target_modules``, ``eval_every``...) may be given by its own
-name too. Unknown names are refused.
+``"auto"`` or absent: the default, which the worker then picks, ``training.auto``) map
+onto the recipe's fields; any ``TrainConfig`` field (``r``, ``alpha``, ``target_modules``,
+``eval_every``...) may be given by its own name too. Unknown names are refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from training.auto import Auto
 from training.config import ConfigError, TrainConfig
 from training.data import Method
 
@@ -44,3 +45,17 @@ def train_config(
         return defaults.with_overrides(overrides)
     except TypeError as exc:  # a value of the wrong type reached a comparison
         raise ConfigError([f"a hyperparameter has the wrong type: {exc}"]) from None
+
+
+def _given(hyperparameters: dict[str, Any], *names: str) -> bool:
+    return any(hyperparameters.get(name) not in (None, "auto") for name in names)
+
+
+def auto_of(hyperparameters: dict[str, Any]) -> Auto:
+    """Which of epochs, batch size and learning rate a job left for the worker to pick
+    (a ``TrainConfig`` name, ``epochs`` or ``learning_rate``, sets it as much as OpenAI's)."""
+    return Auto(
+        epochs=not _given(hyperparameters, "n_epochs", "epochs"),
+        batch_size=not _given(hyperparameters, "batch_size"),
+        learning_rate=not _given(hyperparameters, "learning_rate_multiplier", "learning_rate"),
+    )

@@ -1,4 +1,4 @@
-"""One training run end to end, without a database: data -> audit -> train -> test eval.
+"""One training run end to end, without a database: data -> checks -> train -> test eval.
 
 Both the job worker and ``loraplex train`` call ``run_training``; the worker adds
 claiming, heartbeats and registration around it.
@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from training.audit import AuditReport, audit, refuse_untrainable
+from training.auto import Auto, Picked, choose
 from training.config import TrainConfig
 from training.data import (
     Example,
@@ -28,6 +28,7 @@ from training.data import (
     load_jsonl,
     split_examples,
 )
+from training.data_checks import DataReport, check_data, refuse_untrainable
 from training.evaluate import EvalMetrics, compare_on_test
 from training.recipe import LoRARecipe, StepReport, TrainResult
 from training.schema import check_schema
@@ -48,14 +49,20 @@ class RunSpec:
     """JSON schema the answers must follow (scored as format compliance)."""
     production_dir: Path | None = None
     """The adapter's current production version, to compare against."""
+    auto: Auto | None = None
+    """Hyperparameters to pick (``training.auto``) before training; None: ``config`` as is."""
+    init_dir: Path | None = None
+    """An adapter (PEFT files) whose weights training continues; None: a fresh LoRA. Its
+    shape must be ``config``'s (``training.recipe.init_overrides``). A learning-rate
+    search (``auto``) still tries fresh adapters: it picks the rate for the data."""
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """Validated, split and audited data."""
+    """Validated, split and checked data."""
 
     splits: dict[str, list[Example]]
-    audit: AuditReport
+    report: DataReport
     dataset_sha256: str
     test_sha256: str
     """SHA-256 over the test split's example keys (what the eval results were measured on)."""
@@ -66,6 +73,8 @@ class RunOutcome:
     adapter_dir: Path
     prepared: Prepared
     train: TrainResult
+    choice: Picked
+    """The config trained with, and how its ``auto`` values were picked."""
     metrics: dict[str, EvalMetrics] = field(default_factory=dict)
     """``candidate``, ``base`` and maybe ``production`` scores on the test split."""
 
@@ -84,7 +93,7 @@ def _split_key(examples: Sequence[Example]) -> str:
 
 
 def prepare(spec: RunSpec) -> Prepared:
-    """Parse, check against the method, split and audit; raises ``DatasetError``."""
+    """Parse, check against the method, split and count; raises ``DatasetError``."""
     method = spec.config.method
     if spec.schema is not None:
         check_schema(spec.schema)
@@ -98,7 +107,7 @@ def prepare(spec: RunSpec) -> Prepared:
         check_method(validation, method, "the validation file")
         splits["validation"] = validation
     tokenizer = AutoTokenizer.from_pretrained(spec.base_dir)
-    report = audit(examples, splits, tokenizer, spec.config.max_length)
+    report = check_data(examples, splits, tokenizer, spec.config.max_length)
     refuse_untrainable(report, method, "the training file")
     usable = set(report.usable)
     splits["train"] = [e for e in splits["train"] if e.line in usable]
@@ -111,17 +120,23 @@ def run_training(
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_prepared: Callable[[Prepared], None] | None = None,
+    on_chosen: Callable[[Picked], None] | None = None,
 ) -> RunOutcome:
     """Train the adapter into ``out_dir`` and score it on the test split."""
     prepared = prepare(spec)
     if on_prepared is not None:
         on_prepared(prepared)
-    recipe = LoRARecipe(spec.config, spec.base_dir, on_step, should_stop)
+    choice = Picked(spec.config, {})
+    if spec.auto is not None:
+        choice = choose(spec.config, spec.auto, spec.base_dir, prepared.splits, should_stop)
+        if on_chosen is not None:
+            on_chosen(choice)
+    recipe = LoRARecipe(choice.config, spec.base_dir, on_step, should_stop, spec.init_dir)
     recipe.setup(prepared.splits["train"], prepared.splits["validation"])
     result = recipe.train()
     adapter_dir = recipe.save(out_dir)
     del recipe  # frees the training copy of the base before evaluation loads one
-    outcome = RunOutcome(adapter_dir, prepared, result)
+    outcome = RunOutcome(adapter_dir, prepared, result, choice)
     if prepared.splits["test"]:
         outcome.metrics = compare_on_test(
             spec.base_dir,
@@ -129,6 +144,6 @@ def run_training(
             adapter_dir,
             spec.production_dir,
             spec.schema,
-            spec.config.max_length,
+            choice.config.max_length,
         )
     return outcome

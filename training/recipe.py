@@ -10,18 +10,25 @@ Validation runs every ``eval_every`` optimizer steps and at the end; the adapter
 weights with the best validation loss are kept in memory and are what ``save`` writes,
 and ``patience`` evaluations without improvement stop training early. ``save`` writes
 only what vLLM serves: a plain LoRA (no ``modules_to_save``, no biases, no DoRA).
+
+Training may continue an existing adapter (``init_dir``: its PEFT files) instead of a
+fresh LoRA: its weights are loaded trainable, so its rank, alpha and target modules are
+the run's (``init_overrides`` reads them for the config).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from training.config import ConfigError, TrainConfig
@@ -93,6 +100,31 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+INIT_CONFIG = "adapter_config.json"
+INIT_WEIGHTS = "adapter_model.safetensors"
+
+
+def init_overrides(init_dir: Path) -> dict[str, Any]:
+    """``r``, ``alpha`` and ``target_modules`` of the adapter in ``init_dir``: continuing
+    it trains its own weights, so its shape overrides any a job asks for. The targets are
+    the module names its weights are on (its config may give a regex instead of names)."""
+    config_path, weights_path = Path(init_dir) / INIT_CONFIG, Path(init_dir) / INIT_WEIGHTS
+    if not (config_path.is_file() and weights_path.is_file()):
+        missing = f"{init_dir} lacks {INIT_CONFIG} or {INIT_WEIGHTS}"
+        raise ConfigError([f"{missing}: it is not a PEFT adapter to continue from"])
+    config = json.loads(config_path.read_text())
+    with safe_open(str(weights_path), framework="pt") as weights:
+        names = [key for key in weights.keys() if ".lora_A." in key]  # noqa: SIM118
+    targets = sorted({key.split(".lora_A.")[0].rsplit(".", 1)[-1] for key in names})
+    if config.get("peft_type", "LORA") != "LORA" or not targets:
+        raise ConfigError([f"{init_dir} holds no LoRA weights to continue from"])
+    return {
+        "r": int(config.get("r", 8)),
+        "alpha": float(config.get("lora_alpha", 8)),
+        "target_modules": tuple(targets),
+    }
+
+
 class LoRARecipe:
     """One LoRA training run on one base model."""
 
@@ -102,10 +134,13 @@ class LoRARecipe:
         base_dir: Path,
         on_step: Callable[[StepReport], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        init_dir: Path | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self.base_dir = Path(base_dir)
+        self.init_dir = None if init_dir is None else Path(init_dir)
+        """An adapter whose weights training starts from (None: a fresh LoRA)."""
         self.on_step = on_step or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
         self._best: dict[str, torch.Tensor] | None = None
@@ -113,21 +148,14 @@ class LoRARecipe:
     # -- setup ----------------------------------------------------------------
 
     def setup(self, train: Sequence[Example], validation: Sequence[Example]) -> None:
-        """Load the base, wrap it with a fresh LoRA, tokenize the data, build the optimizer."""
+        """Load the base, wrap it with a LoRA (fresh, or ``init_dir``'s), tokenize the data,
+        build the optimizer."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.tokenizer, base, self.device = load_base(self.base_dir)
         self._check_targets(base)
         torch.manual_seed(self.config.seed)
-        lora = LoraConfig(
-            r=self.config.r,
-            lora_alpha=self.config.alpha,  # type: ignore[arg-type]  # PEFT takes floats too
-            lora_dropout=self.config.dropout,
-            target_modules=list(self.config.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        self.model: PeftModel = get_peft_model(base, lora)
+        self.model: PeftModel = self._wrap(base)
         self.pad_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
         self.train_items = self._prepare(train)
         if not self.train_items:
@@ -145,6 +173,22 @@ class LoRARecipe:
             self.optimizer,
             lambda s: _lr_factor(s, self.total_steps, warmup, self.config.schedule),
         )
+
+    def _wrap(self, base: torch.nn.Module) -> PeftModel:
+        if self.init_dir is not None:
+            # is_trainable: PEFT loads a saved adapter frozen (for inference) otherwise.
+            model = PeftModel.from_pretrained(base, str(self.init_dir), is_trainable=True)
+            model.to(self.device)
+            return model
+        lora = LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,  # type: ignore[arg-type]  # PEFT takes floats too
+            lora_dropout=self.config.dropout,
+            target_modules=list(self.config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(base, lora)
 
     def _check_targets(self, model: torch.nn.Module) -> None:
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

@@ -99,16 +99,26 @@ def _as_answer(value: Any) -> str:
     return value if isinstance(value, str) else str(value["content"])
 
 
-def final_turn(tokenizer: PreTrainedTokenizerBase, example: Example) -> Turn:
-    """The last answer of an example and its prompt: what evaluation asks and expects."""
+def _final(example: Example) -> tuple[list[Message], str]:
+    """The history before an example's last answer, and that answer."""
     data = example.data
     if example.format == "completion":
-        return turn(tokenizer, _user(data["prompt"]), data["completion"])
+        return _user(data["prompt"]), data["completion"]
     if example.format == "preference":
-        return turn(tokenizer, _as_messages(data["prompt"]), _as_answer(data["chosen"]))
+        return _as_messages(data["prompt"]), _as_answer(data["chosen"])
     messages: list[Message] = data["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return turn(tokenizer, messages[:last], messages[last]["content"])
+    return messages[:last], messages[last]["content"]
+
+
+def reference_answer(example: Example) -> str:
+    """The answer evaluation expects for an example, trimmed as exact match compares it."""
+    return _final(example)[1].strip()
+
+
+def final_turn(tokenizer: PreTrainedTokenizerBase, example: Example) -> Turn:
+    """The last answer of an example and its prompt: what evaluation asks and expects."""
+    return turn(tokenizer, *_final(example))
 
 
 def preference_turns(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[Turn, Turn]:

@@ -1,10 +1,16 @@
-"""The job worker: claim a queued job, train, evaluate, register, promote, finish.
+"""The job worker: claim a queued job, train, evaluate, then register, promote, finish.
 
-Registration is all or nothing (``push_adapter`` is one transaction) and happens only
-after the eval metrics are saved on the job. The job is marked succeeded last. A worker
-that dies anywhere leaves either no version (the job is re-queued by the reaper and
-trains again) or a registered version carrying this job's id: the next attempt finds it
-and only finishes the remaining idempotent steps (eval results, promotion, status).
+With no promotion gates on the adapter, the version is promoted only when it beats the
+base and the production version on the job's held-out test split (``training.promotion``);
+otherwise the job still succeeds, as ``name@N``, and its events say why.
+
+Everything the job leaves in the registry lands in one transaction
+(``JobStore.complete``): the version, its eval results, its promotion and the job's
+success, and only while this worker still holds the job. Before it, the adapter's blob
+is staged (stored, registering nothing). A worker that dies anywhere leaves the job
+running with nothing registered, or succeeded: the reaper re-queues it and the next
+attempt trains from a clean scratch directory; staging the same weights again finds
+their blob stored.
 """
 
 from __future__ import annotations
@@ -15,21 +21,27 @@ import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry import Actor, AdapterVersion, GateFailed, NotFound, Provenance, Registry
-from registry.jobs import FineTuningJob, JobStore
+from registry import DATABASE_DOWN, PRODUCTION, NotFound, Provenance, Registry
+from registry.jobs import FineTuningJob, JobStore, TrainedVersion
+from registry.registry import Score
+from registry.retraining import RetrainingStore, init_version
+from registry.workers import WorkerRoster
+from training.auto import Picked
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, Method
 from training.evaluate import CANDIDATE
-from training.hyperparameters import train_config
+from training.hyperparameters import auto_of, train_config
 from training.pipeline import Prepared, RunOutcome, RunSpec, library_versions, run_training
-from training.recipe import StepReport, TrainingCancelled
-from training.render import TemplateError
+from training.promotion import exact_match_decides, verdict
+from training.recipe import StepReport, TrainingCancelled, init_overrides
+from training.render import TemplateError, reference_answer
 
 log = logging.getLogger("loraplex.worker")
 TEST_SUITE = "fine-tune-test"
@@ -52,6 +64,12 @@ class WorkerOptions:
     """Seconds between queue polls when it is empty."""
     heartbeat_interval: float = 10.0
     """Seconds between heartbeats (keep well under the store's ``stale_after``)."""
+    choose_hyperparameters: bool = True
+    """Pick the epochs, batch size and learning rate a job leaves to ``auto`` (from its
+    data's size and a learning-rate search, ``training.auto``); False: take ``defaults``."""
+    retrain_interval: float = 30.0
+    """Seconds between runs of the retraining tick (``registry.retraining``: due policies
+    queue jobs) in the poll loop; 0 turns it off for this worker."""
 
 
 def default_worker_id() -> str:
@@ -70,15 +88,47 @@ class Worker:
         self.registry: Registry = store.registry
         self.options = options
         self.worker_id = worker_id or default_worker_id()
+        self.roster = WorkerRoster(self.registry)
+        """Where this worker says it is alive, so a job for its base does not say it waits."""
+        self.retraining = RetrainingStore(store)
+        self._next_retrain = 0.0
 
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set."""
-        while not stop.is_set():
-            if self.run_once() is None:
-                stop.wait(self.options.poll_interval)
+        """Process jobs until ``stop`` is set; a registry outage pauses it, never ends it."""
+        try:
+            while not stop.is_set():
+                try:
+                    self._maybe_retrain()
+                    claimed = self.run_once()
+                except DATABASE_DOWN as exc:
+                    log.warning("registry database unavailable (%s); retrying", type(exc).__name__)
+                    claimed = None
+                if claimed is None:
+                    stop.wait(self.options.poll_interval)
+        finally:
+            with contextlib.suppress(*DATABASE_DOWN):  # unseen, it counts as gone in a minute
+                self.roster.gone(self.worker_id)
+
+    def _maybe_retrain(self) -> None:
+        """Every ``retrain_interval`` seconds, run the retraining policies that are due.
+
+        Any worker may run the tick (its claims are safe with many); jobs it queues go to
+        whichever worker holds their base. A failing tick must not stop the job loop."""
+        interval = self.options.retrain_interval
+        if interval <= 0 or time.monotonic() < self._next_retrain:
+            return
+        self._next_retrain = time.monotonic() + interval
+        try:
+            for outcome in self.retraining.tick():
+                log.info("retraining policy of %s: %s", outcome.adapter, outcome.message)
+        except DATABASE_DOWN:
+            raise
+        except Exception:
+            log.exception("retraining tick failed; trying again in %.0f s", interval)
 
     def run_once(self) -> FineTuningJob | None:
         """Reap stale jobs, claim one and process it; the claimed job or None."""
+        self.roster.seen(self.worker_id, self.options.base_fingerprint)
         for job_id in self.store.reap():
             log.warning("re-queued or failed orphaned job %s", job_id)
         job = self.store.claim(self.worker_id, [self.options.base_fingerprint])
@@ -89,11 +139,18 @@ class Worker:
     def process(self, job: FineTuningJob) -> None:
         """Run a claimed job to a final state (or leave it to the reaper if lost)."""
         log.info("running job %s", job.id)
+        # A killed attempt leaves its scratch behind; this one starts from nothing.
+        shutil.rmtree(self._scratch(job), ignore_errors=True)
         try:
             with self._heartbeating(job) as lost:
                 self._execute(job, lost)
         except (TrainingCancelled, JobLost):
             log.info("job %s is no longer ours (cancelled or reaped); dropped it", job.id)
+        except DATABASE_DOWN as exc:
+            # Not the job's fault: its heartbeats stop, and the reaper gives it another attempt.
+            log.warning(
+                "job %s left to be retried: registry database unavailable (%r)", job.id, exc
+            )
         except (DatasetError, TemplateError) as exc:
             self.store.fail(job.id, self.worker_id, "invalid_training_file", str(exc))
         except ConfigError as exc:
@@ -115,7 +172,13 @@ class Worker:
 
         def beat() -> None:
             while not done.wait(self.options.heartbeat_interval):
-                if not self.store.heartbeat(job.id, self.worker_id):
+                try:
+                    held = self.store.heartbeat(job.id, self.worker_id)
+                    self.roster.seen(self.worker_id, self.options.base_fingerprint)
+                except DATABASE_DOWN as exc:  # the next beat tries again; a long outage reaps
+                    log.warning("job %s: heartbeat not written (%s)", job.id, type(exc).__name__)
+                    continue
+                if not held:
                     lost.set()
                     return
 
@@ -130,13 +193,11 @@ class Worker:
     # -- the job ---------------------------------------------------------------
 
     def _execute(self, job: FineTuningJob, lost: threading.Event) -> None:
-        done = self._version_of(job)
-        if done is not None and job.result is not None:
-            self.store.add_event(job.id, f"Resuming: version {done.number} is already registered")
-            self._finish(job, done, job.result)
-            return
         method: Method = "dpo" if job.method == "dpo" else "supervised"
         config = train_config(self.options.defaults, method, job.seed, job.hyperparameters)
+        init = self._init(job)
+        if init is not None:
+            config = self._continued(job, config, init)
         production = self._production(job)
         spec = RunSpec(
             base_dir=self.options.base_dir,
@@ -145,6 +206,8 @@ class Worker:
             validation=self._content(job.tenant_id, job.validation_file),
             schema=job.json_schema,
             production_dir=production[1] if production else None,
+            auto=auto_of(job.hyperparameters) if self.options.choose_hyperparameters else None,
+            init_dir=init.path if init is not None else None,
         )
         outcome = run_training(
             spec,
@@ -152,28 +215,47 @@ class Worker:
             on_step=lambda report: self._on_step(job, report),
             should_stop=lost.is_set,
             on_prepared=lambda prepared: self._on_prepared(job, prepared),
+            on_chosen=lambda choice: self._on_chosen(job, choice),
+        )
+        if lost.is_set():
+            raise JobLost(job.id)
+        self.store.add_event(job.id, f"Training finished after {outcome.train.steps} steps")
+        parent = production[0] if production else None
+        if init is not None:
+            parent = init.number if init.adapter == job.adapter_name else None
+        trained = self._trained(job, outcome, outcome.choice.config, parent)
+        model = self.store.complete(job.id, self.worker_id, trained)
+        if model is None:
+            raise JobLost(job.id)
+        log.info("job %s succeeded: %s", job.id, model)
+
+    def _trained(
+        self, job: FineTuningJob, outcome: RunOutcome, config: TrainConfig, parent: int | None
+    ) -> TrainedVersion:
+        """The adapter staged in the blob store, with what registers with it."""
+        staged = self.registry.stage_adapter(
+            job.tenant_id, job.adapter_name, outcome.adapter_dir, job.base_fingerprint
+        )
+        provenance = Provenance(
+            dataset_sha256=outcome.prepared.dataset_sha256,
+            training_config_sha256=config.sha256(),
+            seed=config.seed,
+            library_versions=library_versions(),
+            parent_version=parent,
+            training_job=job.id,
         )
         result = _result(outcome, config)
-        if not self.store.save_result(job.id, self.worker_id, result):
-            raise JobLost(job.id)
-        version = self.registry.push_adapter(
-            job.tenant_id,
-            job.adapter_name,
-            outcome.adapter_dir,
-            job.base_fingerprint,
-            self._actor(job),
-            provenance=Provenance(
-                dataset_sha256=outcome.prepared.dataset_sha256,
-                training_config_sha256=config.sha256(),
-                seed=config.seed,
-                library_versions=library_versions(),
-                parent_version=production[0] if production else None,
-                training_job=job.id,
-            ),
-            description=f"fine-tuned by job {job.id}",
-        )
-        self.store.add_event(job.id, f"Registered {job.adapter_name} version {version.number}")
-        self._finish(job, version, result)
+        result["hyperparameters"] = outcome.choice.to_json()
+        description = f"fine-tuned by job {job.id}"
+        if outcome.choice.searched:
+            description += f", learning rate {config.learning_rate:g} picked by a search"
+        answers = [reference_answer(e) for e in outcome.prepared.splits["test"]]
+        judged = verdict(outcome.metrics, exact_match_decides(answers))
+        result["promotion"] = {"better": judged.better, "summary": judged.summary}
+        if judged.better:
+            self.store.add_event(job.id, f"Better than what clients get now: {judged.summary}")
+        not_better = None if judged.better else judged.summary
+        return TrainedVersion(staged, provenance, description, result, _scores(result), not_better)
 
     def _training_content(self, job: FineTuningJob) -> bytes:
         return self.store.file_content(self.store.get_file(job.tenant_id, job.training_file))
@@ -183,32 +265,50 @@ class Worker:
             return None
         return self.store.file_content(self.store.get_file(tenant_id, file_id))
 
-    def _actor(self, job: FineTuningJob) -> Actor:
-        return Actor(f"job:{job.id}")
-
-    def _version_of(self, job: FineTuningJob) -> AdapterVersion | None:
-        """The version an earlier attempt of this job registered, if any."""
-        try:
-            versions = self.registry.list_versions(job.tenant_id, job.adapter_name)
-        except NotFound:
-            return None
-        return next((v for v in versions if v.training_job == job.id), None)
-
     def _production(self, job: FineTuningJob) -> tuple[int, Path] | None:
         """(number, local files) of the adapter's production version, when it has one."""
         try:
-            target = self.registry.aliases(job.tenant_id, job.adapter_name).get("production")
+            target = self.registry.aliases(job.tenant_id, job.adapter_name).get(PRODUCTION)
         except NotFound:
             return None
         if target is None:
             return None
-        path = self.registry.fetch_version(target.engine_name, self._scratch(job) / "production")
+        path = self.registry.fetch_version(target.lora_name, self._scratch(job) / "production")
         return target.version, path
+
+    def _init(self, job: FineTuningJob) -> _Init | None:
+        """The adapter version the job continues, fetched; None for a new adapter."""
+        if job.init_version_id is None:
+            return None
+        adapter, found = init_version(self.registry, job.init_version_id)
+        path = self.registry.fetch_version(
+            found.version.lora_name, self._scratch(job) / "init", found
+        )
+        return _Init(adapter, found.version.number, path)
+
+    def _continued(self, job: FineTuningJob, config: TrainConfig, init: _Init) -> TrainConfig:
+        """``config`` with the LoRA shape of the version it continues (which the job's own
+        ``r``, ``alpha`` and ``target_modules``, if any, give way to), and an event saying so."""
+        shape = init_overrides(init.path)
+        overridden = sorted(n for n in ("r", "alpha", "target_modules") if n in job.hyperparameters)
+        message = (
+            f"Starting from {init.adapter} version {init.number}'s weights: rank {shape['r']}, "
+            f"alpha {shape['alpha']:g}, target modules {', '.join(shape['target_modules'])} "
+            "(from its config)"
+        )
+        if overridden:
+            message += f"; the job's {', '.join(overridden)} did not apply"
+        data = {**shape, "target_modules": list(shape["target_modules"]), "ignored": overridden}
+        self.store.add_event(job.id, message, data={"init_version": data})
+        return config.with_overrides(shape)
 
     def _on_prepared(self, job: FineTuningJob, prepared: Prepared) -> None:
         self.store.add_event(
-            job.id, f"Data audit: {prepared.audit.summary()}", data=prepared.audit.to_json()
+            job.id, f"Data audit: {prepared.report.summary()}", data=prepared.report.to_json()
         )
+
+    def _on_chosen(self, job: FineTuningJob, choice: Picked) -> None:
+        self.store.add_event(job.id, f"Hyperparameters: {choice.summary()}", data=choice.to_json())
 
     def _on_step(self, job: FineTuningJob, report: StepReport) -> None:
         data: dict[str, Any] = {
@@ -217,58 +317,34 @@ class Worker:
             "train_loss": report.train_loss,
         }
         message = f"Step {report.step}/{report.total_steps}: training loss={report.train_loss:.4f}"
-        if report.validation_loss is not None:
-            data["valid_loss"] = report.validation_loss
-            message += f", validation loss={report.validation_loss:.4f}"
-            self.store.add_checkpoint(job.id, report.step, data)
-        if report.validation_loss is not None or report.step % STEP_EVENT_EVERY == 0:
-            self.store.add_event(job.id, message, data=data)
+        # Progress records are worth less than the training: an outage skips them, not the job.
+        with contextlib.suppress(*DATABASE_DOWN):
+            if report.validation_loss is not None:
+                data["valid_loss"] = report.validation_loss
+                message += f", validation loss={report.validation_loss:.4f}"
+                self.store.add_checkpoint(job.id, report.step, data)
+            if report.validation_loss is not None or report.step % STEP_EVENT_EVERY == 0:
+                self.store.add_event(job.id, message, data=data)
 
-    # -- finishing (idempotent) --------------------------------------------------
 
-    def _finish(self, job: FineTuningJob, version: AdapterVersion, result: dict[str, Any]) -> None:
-        self._store_evals(job, version, result)
-        model = self._promote(job, version)
-        if not self.store.succeed(job.id, self.worker_id, model):
-            raise JobLost(job.id)
-        log.info("job %s succeeded: %s", job.id, model)
+@dataclass(frozen=True)
+class _Init:
+    """The adapter version a job continues: its adapter, number and local PEFT files."""
 
-    def _store_evals(
-        self, job: FineTuningJob, version: AdapterVersion, result: dict[str, Any]
-    ) -> None:
-        stored = {
-            (r.suite, r.metric)
-            for r in self.registry.eval_results(job.tenant_id, job.adapter_name, version.number)
-        }
-        for model, metrics in result.get("metrics", {}).items():
-            suite = TEST_SUITE if model == CANDIDATE else f"{TEST_SUITE}/{model}"
-            for metric, value in metrics.items():
-                if (suite, metric) in stored:
-                    continue
-                self.registry.add_eval_result(
-                    job.tenant_id,
-                    job.adapter_name,
-                    version.number,
-                    suite,
-                    metric,
-                    value,
-                    self._actor(job),
-                    sample_count=result.get("test_samples"),
-                    dataset_sha256=result.get("test_sha256"),
-                )
+    adapter: str
+    number: int
+    path: Path
 
-    def _promote(self, job: FineTuningJob, version: AdapterVersion) -> str:
-        """Point production at the version; the name clients call (pinned if gates refuse)."""
-        current = self.registry.aliases(job.tenant_id, job.adapter_name).get("production")
-        if current is not None and current.version == version.number:
-            return job.adapter_name
-        try:
-            self.registry.promote(job.tenant_id, job.adapter_name, version.number, self._actor(job))
-        except GateFailed as exc:
-            self.store.add_event(job.id, f"Not promoted: {exc}", level="warn")
-            return f"{job.adapter_name}@{version.number}"
-        self.store.add_event(job.id, f"Promoted version {version.number} to production")
-        return job.adapter_name
+
+def _scores(result: dict[str, Any]) -> list[Score]:
+    """The candidate's metrics under ``TEST_SUITE``, the base's and production's beside it,
+    each with the test split it was measured on."""
+    split = result["test_samples"], result["test_sha256"]
+    return [
+        Score(TEST_SUITE if model == CANDIDATE else f"{TEST_SUITE}/{model}", metric, value, *split)
+        for model, metrics in result["metrics"].items()
+        for metric, value in metrics.items()
+    ]
 
 
 def _result(outcome: RunOutcome, config: TrainConfig) -> dict[str, Any]:
@@ -282,7 +358,7 @@ def _result(outcome: RunOutcome, config: TrainConfig) -> dict[str, Any]:
         "dataset_sha256": outcome.prepared.dataset_sha256,
         "config_sha256": config.sha256(),
         "config": config.to_json(),
-        "audit": outcome.prepared.audit.summary(),
+        "audit": outcome.prepared.report.summary(),
         "train": {
             "steps": outcome.train.steps,
             "best_step": outcome.train.best_step,

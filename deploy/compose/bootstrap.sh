@@ -6,6 +6,12 @@
 set -eu
 model_dir=$1
 fingerprint_file=$2
+# Empty for the second base when .env does not name it: stop here, saying which to set.
+if [ -z "${LORAPLEX_SERVED_MODEL_NAME:-}" ]; then
+    echo "bootstrap: no name to serve $model_dir under: set LORAPLEX_SERVED_MODEL_NAME" \
+        "(LORAPLEX_SECOND_SERVED_MODEL_NAME for the second base) in .env" >&2
+    exit 2
+fi
 
 python - <<'PY'
 import os

@@ -1,15 +1,20 @@
-"""Alembic environment: runs on the engine the registry hands over (see registry.db)."""
+"""Alembic environment: runs on the database the registry hands over (see registry.db)."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlmodel import SQLModel
 
+import registry.captures
+import registry.datasets
+import registry.erasures
 import registry.jobs
-import registry.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import registry.models
+import registry.retraining
+import registry.workers  # noqa: F401  (each registers its tables on SQLModel.metadata)
 
-engine = context.config.attributes["engine"]
-with engine.connect() as connection:
+database = context.config.attributes["database"]
+with database.connect() as connection:
     context.configure(
         connection=connection,
         target_metadata=SQLModel.metadata,

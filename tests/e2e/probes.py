@@ -5,11 +5,15 @@ OpenAI-shaped error checks, probe tallies, and extra gateways on the session eng
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from registry import LocalBlobStore, Registry
 from tests.e2e.serving import ServeProcess
+from tests.registry.registry_testdata import create_database, drop_database
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
 VAGUE_MESSAGES = {"invalid request", "not found", "internal server error", "bad request"}
@@ -77,3 +81,27 @@ def gateway_on_engine(
         args=["--engine-urls", f"http://127.0.0.1:{engine_port}", *args],
         env={"LORAPLEX_ENGINE_API_KEY": engine_key, **env},
     ).start()
+
+
+@contextlib.contextmanager
+def postgres_gateway(
+    database: str, home: Path, engine_port: int, engine_key: str, demo_base: Path
+) -> Iterator[tuple[ServeProcess, Registry]]:
+    """A ready gateway on a new PostgreSQL database of its own, in front of the session's
+    engine, with a registry on that database; both gone (and the database dropped) after."""
+    url = create_database(database)
+    serve = gateway_on_engine(
+        home, engine_port, engine_key, ["--base-model", str(demo_base)],
+        {"LORAPLEX_DATABASE_URL": url},
+    )  # fmt: skip
+    own = None
+    try:
+        serve.wait_ready(timeout=120)
+        own = Registry(url, LocalBlobStore(home / "blobs"))
+        yield serve, own
+    finally:
+        if own is not None:
+            own.close()
+        stopped = serve.stop()
+        drop_database(url)
+        assert stopped, serve.log_tail()

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import httpx
 import psutil
 from prometheus_client import Metric
 
-from server.fleet import free_port as free_port  # re-exported for the e2e tests
+from server.dev.fleet import free_port as free_port  # re-exported for the e2e tests
+from server.dev.process import Process
 
 REPO = Path(__file__).resolve().parents[2]
 LOADER = Path(sys.executable).parent / "loraplex"
@@ -29,7 +29,12 @@ class ServeProcess:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+    runner: Process | None = field(default=None, init=False, repr=False)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The serve process itself (None before ``start``), for tests that watch or signal it."""
+        return self.runner.popen if self.runner else None
 
     @property
     def url(self) -> str:
@@ -43,31 +48,21 @@ class ServeProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "LORAPLEX_LOG_LEVEL": "info", **self.env}
         cmd = [str(LOADER), "serve", "--home", str(self.home), "--port", str(self.port), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.runner = Process("loraplex serve", cmd, self.log_path, env).start()
         return self
 
     def wait_ready(self, timeout: float = 600, engines: int = 1) -> None:
         """Wait until ``/readyz`` reports at least ``engines`` healthy engines."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"loraplex serve exited early:\n{self.log_tail()}")
-            try:
-                ready = httpx.get(self.url + "/readyz", timeout=2)
-                if ready.status_code == 200 and ready.json()["engines_healthy"] >= engines:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"loraplex serve not ready after {timeout} s:\n{self.log_tail()}")
+        self._runner().wait_ready(lambda: self._ready(engines), timeout=timeout)
+
+    def _ready(self, engines: int) -> bool:
+        ready = httpx.get(self.url + "/readyz", timeout=2)
+        return ready.status_code == 200 and ready.json()["engines_healthy"] >= engines
 
     def engine_processes(self) -> list[psutil.Process]:
         """The engine API servers this serve process started (direct children running vLLM)."""
-        assert self.process is not None
         found = []
-        for child in psutil.Process(self.process.pid).children(recursive=True):
+        for child in psutil.Process(self._runner().pid).children(recursive=True):
             try:
                 if ENGINE_MODULE in " ".join(child.cmdline()):
                     found.append(child)
@@ -76,9 +71,8 @@ class ServeProcess:
         return found
 
     def all_descendants(self) -> list[psutil.Process]:
-        assert self.process is not None
         try:
-            return psutil.Process(self.process.pid).children(recursive=True)
+            return psutil.Process(self._runner().pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
 
@@ -86,24 +80,18 @@ class ServeProcess:
         """SIGTERM, as an orchestrator would; True if it shut down cleanly in time.
 
         Like uvicorn, serve re-raises the signal after its graceful shutdown, so a
-        clean exit is status 0 or death by that same SIGTERM.
+        clean exit is status 0 or death by that same SIGTERM. The signal goes to
+        serve alone: stopping its engines is its own job, which the tests check.
         """
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                return False
-        return self.process.returncode in (0, -signal.SIGTERM)
+        code = self._runner().stop(timeout, leader_only=True)
+        return code in (0, -signal.SIGTERM)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self._runner().tail(lines) if self.runner else "(no log)"
+
+    def _runner(self) -> Process:
+        assert self.runner is not None, "loraplex serve was never started"
+        return self.runner
 
 
 def wait_gone(processes: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:

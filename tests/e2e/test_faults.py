@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from registry import TENANT_SCOPE, LocalBlobStore, Registry, S3BlobStore
-from server.seaweed import SeaweedFS
+from server.dev.seaweed import SeaweedFS
 from tests import reliability
 from tests.e2e.conftest import ENGINE_ARGS, OPERATOR, make_tenant
 from tests.e2e.serving import ServeProcess, free_port
@@ -95,7 +95,7 @@ def s3_serve(demo_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for seed in (1, 2, 3, 4):
             path = build_adapter(demo_base, root / f"adapter-{seed}", seed=seed, r=8)
             pushed = registry.push_adapter(tenant.tenant_id, "bot", path, demo_base.name, OPERATOR)
-            versions[pushed.number] = pushed.engine_name
+            versions[pushed.number] = pushed.lora_name
         yield S3Serve(serve, weed, registry, cache, tenant.key, versions)
     finally:
         if serve.process is not None:
@@ -149,8 +149,8 @@ def _cold_load_under_fault(
     setup: S3Serve, number: int, fault_on: Any, fault_off: Any, check: str
 ) -> None:
     """Both kinds of request for a never-loaded version during a fault, then after it."""
-    engine_name = setup.versions[number]
-    assert not (setup.cache / engine_name).exists()
+    lora_name = setup.versions[number]
+    assert not (setup.cache / lora_name).exists()
     fault_on()
     try:
         during = [setup.complete(f"bot@{number}", stream) for stream in (False, True)]
@@ -172,7 +172,7 @@ def _cold_load_under_fault(
     assert unclean == 0, [(r.status_code, r.headers.get("retry-after"), r.text) for r in during]
     assert problems == []
     assert unrecovered == 0, [(r.status_code, r.text[:300]) for r in after]
-    assert (setup.cache / engine_name / "adapter_model.safetensors").is_file()
+    assert (setup.cache / lora_name / "adapter_model.safetensors").is_file()
 
 
 def cache_problems_without_store(setup: S3Serve) -> list[str]:
@@ -347,6 +347,41 @@ def _openai_shaped(response: httpx.Response) -> bool:
         return False
 
 
+def _with_a_new_key(
+    serve: ServeProcess, registry: Registry, tenant_id: int, model: str
+) -> httpx.Response:
+    """A request with a key created just now: only a gateway that reads the database again
+    (after its restart) can know it."""
+    registry.database.dispose()
+    _, new_key = registry.create_api_key(tenant_id, TENANT_SCOPE, OPERATOR)
+    return httpx.post(
+        serve.url + "/v1/completions",
+        json={"model": model, "prompt": "Hi", "max_tokens": 1},
+        headers={"authorization": f"Bearer {new_key}"},
+        timeout=60,
+    )
+
+
+def _restart_under(traffic: Traffic, pg: PrivatePostgres) -> tuple[int, float, float]:
+    """Stop PostgreSQL for 4 s under 4 threads of traffic; (threads hung, down at, back at)."""
+    threads = [threading.Thread(target=traffic.run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        pg.stop()
+        down_at = time.monotonic()
+        time.sleep(4)  # the database is gone for a while, not just for a blink
+        pg.start()
+        back_at = time.monotonic()
+        time.sleep(8)
+    finally:
+        traffic.stop.set()
+        for t in threads:
+            t.join(timeout=90)
+    return sum(t.is_alive() for t in threads), down_at, back_at
+
+
 @pytest.mark.reliability
 def test_postgres_restarted_under_traffic_gateway_recovers_without_restart(
     gateway: ServeProcess,
@@ -368,33 +403,9 @@ def test_postgres_restarted_under_traffic_gateway_recovers_without_restart(
         serve.wait_ready(timeout=120)
         tenant = make_tenant(registry, "pg-tenant")
         seen: list[tuple[float, str, bool]] = []
-        stop = threading.Event()
-        traffic = Traffic(serve.url, tenant.key, demo_base.name, seen, stop)
-        threads = [threading.Thread(target=traffic.run) for _ in range(4)]
-        for t in threads:
-            t.start()
-        try:
-            time.sleep(3)
-            private_pg.stop()
-            down_at = time.monotonic()
-            time.sleep(4)  # the database is gone for a while, not just for a blink
-            private_pg.start()
-            back_at = time.monotonic()
-            time.sleep(8)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=90)
-        hung = sum(t.is_alive() for t in threads)
-        # A key created after the restart can only be known by reading the database again.
-        registry.engine.dispose()
-        _, new_key = registry.create_api_key(tenant.tenant_id, TENANT_SCOPE, OPERATOR)
-        fresh = httpx.post(
-            serve.url + "/v1/completions",
-            json={"model": demo_base.name, "prompt": "Hi", "max_tokens": 1},
-            headers={"authorization": f"Bearer {new_key}"},
-            timeout=60,
-        )
+        traffic = Traffic(serve.url, tenant.key, demo_base.name, seen, threading.Event())
+        hung, down_at, back_at = _restart_under(traffic, private_pg)
+        fresh = _with_a_new_key(serve, registry, tenant.tenant_id, demo_base.name)
         assert serve.process is not None
         still_running = serve.process.poll() is None
     finally:

@@ -1,5 +1,6 @@
-"""The production topology on loopback (``make fleet``): two gateways, two vLLM engines,
-a worker, PostgreSQL and SeaweedFS as S3, as real processes.
+"""The production topology on loopback (``make fleet``): two bases, a vLLM engine and a
+worker per base, two gateways in front of both, Redis, PostgreSQL and SeaweedFS as S3, as
+real processes.
 
 The tests run in file order on one fleet; each leaves it whole (every engine and
 gateway running) for the next.
@@ -20,22 +21,34 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from server.demo import random_adapter, upload_and_promote
-from server.fleet import BUCKET, Fleet, FleetConfig, Proc
+from server.dev.demo import random_adapter, upload_and_promote
+from server.dev.fleet import BUCKET, SMALL_BASE, Fleet, FleetConfig, Proc
 from tests.deploy.promql import dashboard_queries, metric_names
 from tests.e2e.serving import REPO, metric_families, metric_samples
 from tests.registry.registry_testdata import drop_database
+from training.demo_base import build_demo_base
 
 ADAPTER = "fleet-bot"
+"""An adapter of the main base (the demo base)."""
+SMALL_ADAPTER = "fleet-small-bot"
+"""An adapter of the second base (the small demo base)."""
+MODELS = (ADAPTER, SMALL_ADAPTER)
 DASHBOARD = REPO / "deploy" / "dashboards" / "loraplex.json"
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
 @pytest.fixture(scope="module")
-def fleet(demo_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def small_base() -> Path:
+    return build_demo_base(REPO / ".loraplex" / "demo-base-small", SMALL_BASE)  # as make fleet
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    demo_base: Path, small_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     config = FleetConfig(
         tmp_path_factory.mktemp("fleet"),
-        demo_base,
+        [demo_base, small_base],
         database=f"loraplex_fleet_{uuid.uuid4().hex[:10]}",
     )
     fleet = Fleet(config)
@@ -96,19 +109,22 @@ def promote(gateway: Proc, key: str, version: int) -> None:
 
 def test_every_process_listens_where_make_fleet_says(fleet: Fleet) -> None:
     where = dict(fleet.where())
-    assert {"gateway-0", "gateway-1", "engine-0", "engine-1", "worker", "postgresql"} <= set(where)
+    expected = {"gateway-0", "gateway-1", "engine-0", "engine-1", "worker", "worker-1", "redis"}
+    assert expected | {"postgresql"} <= set(where)
     for gateway in fleet.gateways:
         assert where[gateway.name] == gateway.url
         assert httpx.get(gateway.url + "/healthz", timeout=5).status_code == 200
         assert readyz(gateway)["engines_healthy"] == 2
-    assert fleet.worker is not None and "loraplex: worker" in fleet.worker.log_tail()
+    assert [e.base for e in fleet.engines] == fleet.base_names
+    for worker, base in zip(fleet.workers, fleet.base_fingerprints.values(), strict=True):
+        assert f"on base {base[:12]}" in worker.tail()  # a worker per base
 
 
 def test_adapter_uploaded_through_one_gateway_is_fetched_from_s3_by_engines_that_never_saw_it(
     fleet: Fleet, key: str, tmp_path: Path
 ) -> None:
     gw0, gw1 = fleet.gateways
-    adapter = random_adapter(fleet.config.base, tmp_path / "v1", seed=11)
+    adapter = random_adapter(fleet.config.bases[0], tmp_path / "v1", seed=11)
     assert all(not entries for entries in cached_adapters(fleet).values())
 
     upload_and_promote(gw0.url, key, ADAPTER, adapter, fleet.settings.resolved_served_model_name)
@@ -126,12 +142,29 @@ def test_adapter_uploaded_through_one_gateway_is_fetched_from_s3_by_engines_that
     assert any(cached.values()), "an engine should have fetched the adapter into its cache"
 
 
+def test_both_bases_and_adapters_of_both_are_served_through_both_gateways(
+    fleet: Fleet, key: str, tmp_path: Path
+) -> None:
+    main, small = fleet.base_names
+    adapter = random_adapter(fleet.config.bases[1], tmp_path / "small", seed=13)
+    upload_and_promote(fleet.gateways[1].url, key, SMALL_ADAPTER, adapter, small)
+    for gateway in fleet.gateways:
+        client = OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+        listed = {m.id: m.model_dump().get("parent") for m in client.models.list()}
+        assert listed == {main: None, small: None, ADAPTER: main, SMALL_ADAPTER: small}
+        # Each answer proves its route: an engine of the other base has no model of that
+        # name, and an adapter of one base cannot load on the other's (other shapes).
+        for model in (main, small, ADAPTER, SMALL_ADAPTER):
+            reply = client.completions.create(model=model, prompt="Once", max_tokens=4)
+            assert reply.model == model and reply.usage and reply.usage.completion_tokens > 0
+
+
 def test_alias_change_through_one_gateway_is_served_by_the_other_within_1s(
     fleet: Fleet, key: str, tmp_path: Path
 ) -> None:
     gw0, gw1 = fleet.gateways
     base = fleet.settings.resolved_served_model_name
-    adapter = random_adapter(fleet.config.base, tmp_path / "v2", seed=12)
+    adapter = random_adapter(fleet.config.bases[0], tmp_path / "v2", seed=12)
     stale = staleness(
         gw1, key, "2", lambda: upload_and_promote(gw0.url, key, ADAPTER, adapter, base)
     )
@@ -178,14 +211,17 @@ def staleness(observer: Proc, key: str, version: str, switch: Callable[[], objec
 def test_engines_join_and_leave_through_discovery_without_gateway_restarts(
     fleet: Fleet, key: str
 ) -> None:
+    small = fleet.base_names[1]
     urls = [engine.url for engine in fleet.engines]
-    fleet.write_engine_list(urls[:1])
+    fleet.write_engine_list(urls[:1])  # the small base's engine leaves: no engine serves it
     left = wait_for(
         "engine-1 leaving both gateways",
         lambda: all(readyz(g)["engines"] == 1 for g in fleet.gateways),
         timeout=15,
     )
     assert all(chat(g, key).status_code == 200 for g in fleet.gateways for _ in range(3))
+    for gateway in fleet.gateways:
+        assert chat(gateway, key, small).status_code == 404  # served nowhere: unknown here
     fleet.write_engine_list(urls)
     joined = wait_for(
         "engine-1 rejoining both gateways",
@@ -193,13 +229,14 @@ def test_engines_join_and_leave_through_discovery_without_gateway_restarts(
         timeout=20,
     )
     print(f"\ndiscovery: engine left after {left:.1f} s, rejoined healthy after {joined:.1f} s")
+    assert all(chat(g, key, small).status_code == 200 for g in fleet.gateways)
     assert all(g.alive for g in fleet.gateways)
 
 
-def test_killed_engine_is_ejected_then_readmitted_and_requests_keep_succeeding(
+def test_killed_engine_is_ejected_then_readmitted_and_the_other_base_keeps_serving(
     fleet: Fleet, key: str
 ) -> None:
-    victim = fleet.engines[1]
+    victim = fleet.engines[1]  # the small base's only engine
     victim.kill()
     with ThreadPoolExecutor(4) as pool:
         statuses = list(pool.map(lambda i: chat(fleet.gateways[i % 2], key).status_code, range(24)))
@@ -209,6 +246,10 @@ def test_killed_engine_is_ejected_then_readmitted_and_requests_keep_succeeding(
         timeout=15,
     )
     assert statuses == [200] * len(statuses), statuses
+    for gateway in fleet.gateways:  # its base: a clean, retryable refusal, not an error page
+        refused = chat(gateway, key, SMALL_ADAPTER)
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "no_engine"
 
     victim.start()
     readmitted = wait_for(
@@ -217,7 +258,7 @@ def test_killed_engine_is_ejected_then_readmitted_and_requests_keep_succeeding(
         timeout=600,
     )
     print(f"\nengine killed: ejected after {ejected:.1f} s, readmitted {readmitted:.0f} s later")
-    assert all(chat(g, key).status_code == 200 for g in fleet.gateways)
+    assert all(chat(g, key, m).status_code == 200 for g in fleet.gateways for m in MODELS)
 
 
 def registry_state(gateway: Proc, key: str) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 Two tenants, ``initech`` (the prober) and ``umbrella`` (the target), each with
 adapters, and with one adapter name both use. Every way ``initech`` could reach
-``umbrella``'s adapters, files, jobs, events, checkpoints, usage or listings is
-tried: names and their variants, forged tenant headers, registry routes, keys
-of the wrong kind, missing, malformed and revoked keys. Names that could point
-at another tenant's adapter must get exactly the body of a name nobody owns.
+``umbrella``'s adapters, files, jobs, events, checkpoints, stored completions, feedback,
+usage or listings is tried: names and their variants, forged tenant headers, registry
+routes, keys of the wrong kind, missing, malformed and revoked keys. Names that could
+point at another tenant's adapter must get exactly the body of a name nobody owns.
 
 The name probes in tests/e2e/test_tenancy.py (retired versions, the first
 variants) are not repeated here.
@@ -23,6 +23,13 @@ import httpx
 import pytest
 
 from registry import ADMIN_SCOPE, AdapterVersion, Registry
+from registry.captures import (
+    CaptureSettings,
+    CaptureStore,
+    CompletionQuery,
+    FeedbackInput,
+    FeedbackQuery,
+)
 from registry.jobs import JobStore
 from server.errors import model_not_found
 from tests import reliability
@@ -52,6 +59,8 @@ class World:
     """``twin`` v1 of each tenant, by tenant name; the target's also has a v2 canary."""
     target_file: str
     target_job: str
+    target_completion: str
+    """A chat completion the target stored (its capture is on), with feedback on it."""
     admin_key: str
 
 
@@ -83,8 +92,10 @@ def world(
     store.add_event(job_id, "step 1", data={"step": 1, "train_loss": 1.0})
     store.add_checkpoint(job_id, 1, {"train_loss": 1.0})
     _, admin_key = registry.create_api_key(None, ADMIN_SCOPE, OPERATOR)
+    CaptureStore(registry).set_settings(target.tenant_id, CaptureSettings(enabled=True), OPERATOR)
     time.sleep(1.0)  # past the gateway's registry cache
-    return World(prober, target, own, foreign, twins, file_id, job_id, admin_key)
+    completion_id = _target_completion(gateway, target, registry)
+    return World(prober, target, own, foreign, twins, file_id, job_id, completion_id, admin_key)
 
 
 def _target_job(gateway: ServeProcess, target: TenantKeys, base_name: str) -> tuple[str, str]:
@@ -109,6 +120,23 @@ def _target_job(gateway: ServeProcess, target: TenantKeys, base_name: str) -> tu
     return file_id, job.json()["id"]
 
 
+def _target_completion(gateway: ServeProcess, target: TenantKeys, registry: Registry) -> str:
+    """A chat completion the target stored, with metadata and feedback; once it is written."""
+    body = {"model": "vault-bot", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2, "store": True, "metadata": {"vault": "secret"}}  # fmt: skip
+    answer = httpx.post(
+        gateway.url + "/v1/chat/completions", json=body, headers=_auth(target.key), timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+    completion_id: str = answer.json()["id"]
+    store, deadline = CaptureStore(registry), time.monotonic() + 30
+    while not store.list_completions(target.tenant_id, CompletionQuery()):
+        assert time.monotonic() < deadline, "the target's completion was not stored"
+        time.sleep(0.2)
+    store.add_feedback(target.tenant_id, completion_id, FeedbackInput(thumbs="up"))
+    return completion_id
+
+
 def _auth(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
@@ -127,11 +155,11 @@ def _finish(check: str, probes: Probes) -> None:
 def _foreign_names(world: World) -> list[str]:
     """Strings that name, or look like, the target's adapters; none is the prober's."""
     v1, v2 = world.foreign
-    engine = v1.engine_name
+    engine = v1.lora_name
     return [
         "vault-bot", "vault-bot@1", "vault-bot@2", "vault-bot:production", "vault-bot:canary",
-        v2.engine_name, engine.upper(), "LX-" + engine[3:], engine + "@1",
-        engine + ":production", world.twins[world.target.name].engine_name,
+        v2.lora_name, engine.upper(), "LX-" + engine[3:], engine + "@1",
+        engine + ":production", world.twins[world.target.name].lora_name,
         "twin@2", "twin@3", "twin:canary",  # the target's twin has them, the prober's does not
         "VAULT-BOT", "Vault-Bot@1", "\tvault-bot", "vault-bot\n", "vault-bot@1 ",
         "vault\u200bbot", "v\u0430ult-bot", "\uff56\uff41\uff55\uff4c\uff54-bot",
@@ -243,7 +271,7 @@ def _same_as_unknown_id(
     method, path, body = call
     replies = []
     for some_id in ids:
-        json_body = {k: v.format(some_id) for k, v in body.items()} if body else None
+        json_body = {k: _with_id(v, some_id) for k, v in body.items()} if body else None
         replies.append(
             http.request(method, path.format(some_id), json=json_body, headers=_auth(key))
         )
@@ -253,6 +281,10 @@ def _same_as_unknown_id(
         foreign.text.replace(*ids) == unknown.text,
         f"{method} {path}: {foreign.text[:200]} differs from {unknown.text[:200]}",
     )
+
+
+def _with_id(value: Any, some_id: str) -> Any:
+    return value.format(some_id) if isinstance(value, str) else value
 
 
 def test_foreign_files_jobs_events_and_checkpoints_say_unknown(
@@ -291,6 +323,40 @@ def test_foreign_files_jobs_events_and_checkpoints_say_unknown(
     status = JobStore(registry).get_job(world.target.tenant_id, world.target_job).status
     probes.check(status == "queued", f"the target's job is now {status}")
     _finish("another tenant's files, jobs, events and checkpoints", probes)
+
+
+STORED_COMPLETION_CALLS: list[tuple[str, str, Any]] = [
+    ("GET", "/v1/chat/completions/{0}", None),
+    ("POST", "/v1/chat/completions/{0}", {"metadata": {"vault": "opened"}}),
+    ("DELETE", "/v1/chat/completions/{0}", None),
+    ("GET", "/v1/chat/completions/{0}/messages", None),
+    ("GET", "/v1/chat/completions/{0}/messages?after={0}-0", None),
+    ("POST", "/v1/chat/completions/{0}/feedback", {"thumbs": "down", "note": "{0}"}),
+    ("GET", "/v1/chat/completions/{0}/feedback", None),
+    ("GET", "/v1/chat/completions?after={0}", None),
+    ("GET", "/v1/feedback?completion_id={0}", None),
+    ("GET", "/v1/feedback/export?completion_id={0}", None),
+]
+"""Every route that takes a completion id (in its path, query or body)."""
+
+
+def test_foreign_stored_completions_and_feedback_say_unknown(
+    world: World, http: httpx.Client, registry: Registry
+) -> None:
+    probes = Probes()
+    key, theirs = world.prober.key, world.target_completion
+    fake = "chatcmpl-" + "0" * (len(theirs) - 9)
+    for call in STORED_COMPLETION_CALLS:
+        _same_as_unknown_id(probes, http, key, (theirs, fake), call)
+    for path in ("/v1/chat/completions", "/v1/feedback", "/v1/feedback/export"):
+        reply = http.get(path, headers=_auth(key))
+        probes.check(reply.status_code == 200 and theirs not in reply.text, f"{path}: {reply.text}")
+    store = CaptureStore(registry)
+    kept = store.get(world.target.tenant_id, theirs).metadata_
+    probes.check(kept == {"vault": "secret"}, f"the target's metadata is now {kept}")
+    feedback = store.list_feedback(world.target.tenant_id, FeedbackQuery())
+    probes.check([f.thumbs for f in feedback] == ["up"], f"the target's feedback is now {feedback}")
+    _finish("another tenant's stored completions and feedback", probes)
 
 
 def test_forged_tenant_headers_change_nothing(
@@ -344,6 +410,8 @@ ADMIN_ROUTES = [
     ("POST", "/admin/keys/1/revoke", None), ("GET", "/admin/bases", None),
     ("POST", "/admin/bases", {"path": "/", "name": "x"}),
     ("POST", "/admin/bases/x/deprecate", {"reason": "x"}), ("GET", "/admin/audit", None),
+    ("GET", "/admin/tenants/umbrella/capture", None),
+    ("PUT", "/admin/tenants/umbrella/capture", {"enabled": False}),
     ("GET", "/admin/tenants/umbrella/adapters", None),
     ("GET", "/admin/tenants/umbrella/adapters/vault-bot", None),
     ("POST", "/admin/tenants/umbrella/adapters/vault-bot/promote", {"version": 2}),
@@ -355,7 +423,8 @@ TENANT_ROUTES = [
      {"model": "vault-bot", "messages": [{"role": "user", "content": "hi"}]}),
     ("GET", "/v1/models", None), ("GET", "/v1/adapters", None),
     ("GET", "/v1/adapters/vault-bot", None), ("GET", "/v1/files", None),
-    ("GET", "/v1/fine_tuning/jobs", None),
+    ("GET", "/v1/fine_tuning/jobs", None), ("GET", "/v1/chat/completions", None),
+    ("GET", "/v1/feedback", None),
 ]  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Prompt and completion lengths on the real engine (the session one has a 1,024-token context).
 
-The gateway bounds bytes and ``max_tokens`` itself (tests/server/test_limits.py);
+The gateway bounds bytes and ``max_tokens`` itself (tests/server/gateway/test_limits.py);
 the token length of a prompt is known only to the engine, whose refusal must
 reach the client as a precise OpenAI-shaped 400.
 """

@@ -22,7 +22,7 @@ import pytest
 from openai import OpenAI
 
 from registry import ADMIN_SCOPE, LocalBlobStore, Registry
-from server.seaweed import SeaweedFS
+from server.dev.seaweed import SeaweedFS
 from tests import reliability
 from tests.e2e.conftest import OPERATOR, TenantKeys, make_tenant
 from tests.e2e.probes import gateway_on_engine

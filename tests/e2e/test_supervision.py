@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -17,13 +17,16 @@ from tests.e2e.serving import ServeProcess, free_port, metric_samples, wait_gone
 
 
 @pytest.fixture
-def own_serve(demo_base: Path, tmp_path: Path) -> ServeProcess:
+def own_serve(demo_base: Path, tmp_path: Path) -> Iterator[ServeProcess]:
     serve = ServeProcess(
         tmp_path,
         args=["--base-model", str(demo_base), "--engine-port", str(free_port()), *ENGINE_ARGS],
     ).start()
-    serve.wait_ready()
-    return serve
+    try:
+        serve.wait_ready()
+        yield serve
+    finally:
+        serve.stop()  # a no-op when the test stopped it; else no serve outlives a failure
 
 
 def _clean_engine_failure(outcome: BaseException | str) -> bool:
@@ -41,6 +44,33 @@ def _clean_engine_failure(outcome: BaseException | str) -> bool:
     return True
 
 
+def _long_request(
+    client: OpenAI,
+    model: str,
+    stream: bool,
+    outcomes: list[BaseException | str],
+    generating: threading.Event,
+) -> None:
+    """A 900-token generation, streamed or not; how it ended goes to ``outcomes``.
+
+    A stream sets ``generating`` at its first event: the engine is then mid-generation
+    (a fixed sleep instead let both requests finish first on a fast, quiet machine)."""
+    try:
+        answer = client.completions.create(
+            model=model,
+            prompt="Once",
+            max_tokens=900,
+            stream=stream,
+            extra_body={"ignore_eos": True},
+        )
+        if stream:
+            for _ in answer:  # type: ignore[union-attr]
+                generating.set()
+        outcomes.append("stream finished" if stream else "completion finished")
+    except BaseException as exc:
+        outcomes.append(exc)
+
+
 @pytest.mark.reliability
 def test_killed_engine_fails_cleanly_restarts_and_leaves_no_orphans(
     own_serve: ServeProcess, base_name: str
@@ -55,34 +85,16 @@ def test_killed_engine_fails_cleanly_restarts_and_leaves_no_orphans(
 
     # Requests in flight when the engine dies: long generations, streaming and not.
     outcomes: list[BaseException | str] = []
-
-    def stream_long() -> None:
-        try:
-            for _ in client.completions.create(
-                model=base_name,
-                prompt="Once",
-                max_tokens=900,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            ):
-                pass
-            outcomes.append("stream finished")
-        except BaseException as exc:
-            outcomes.append(exc)
-
-    def complete_long() -> None:
-        try:
-            client.completions.create(
-                model=base_name, prompt="Once", max_tokens=900, extra_body={"ignore_eos": True}
-            )
-            outcomes.append("completion finished")
-        except BaseException as exc:
-            outcomes.append(exc)
-
-    threads = [threading.Thread(target=f) for f in (stream_long, complete_long)]
+    generating = threading.Event()
+    threads = [
+        threading.Thread(
+            target=_long_request, args=(client, base_name, stream, outcomes, generating)
+        )
+        for stream in (True, False)
+    ]
     for t in threads:
         t.start()
-    time.sleep(2.0)
+    assert generating.wait(timeout=120), outcomes
     [engine] = own_serve.engine_processes()
     engine.kill()
     for t in threads:

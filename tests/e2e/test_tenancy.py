@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ from server.errors import model_not_found
 from tests import reliability
 from tests.e2e.conftest import OPERATOR, TenantKeys, make_tenant
 from tests.e2e.serving import ServeProcess, metric_samples
-from tests.registry.registry_testdata import build_adapter
+from tests.registry.registry_testdata import build_adapter, edit_tensors
 
 PROMPT = "The cat sat on the"
 MAX_TOKENS = 10
@@ -98,6 +99,44 @@ def test_each_tenant_gets_exactly_its_adapter(
     assert texts["support-bot"] != texts["legal-bot"]
 
 
+def test_base_requests_batched_beside_adapters_in_every_slot_get_no_adapter(
+    gateway: ServeProcess,
+    registry: Registry,
+    demo_base: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """vLLM's CPU ops gave a token without an adapter the last slot's weights: another
+    tenant's adapter answered base requests (server/engine_plugin/cpu_lora.py)."""
+    owner = make_tenant(registry, "slot-filler")
+    strong: dict[str, str] = {}  # adapter -> PEFT's answer; deltas 9x the usual scale
+    for seed in range(4):  # as many as the engine's --max-loras: the last slot is taken
+        name = f"slot-{seed}"
+        path = build_adapter(demo_base, tmp_path_factory.mktemp(name) / name, seed=40 + seed)
+        edit_tensors(path, lambda tensors: {k: 3 * t for k, t in tensors.items()})
+        version = registry.push_adapter(owner.tenant_id, name, path, demo_base.name, OPERATOR)
+        registry.promote(owner.tenant_id, name, version.number, OPERATOR)
+        strong[name] = peft_greedy(demo_base, path, PROMPT, MAX_TOKENS)
+    base_text = peft_greedy(demo_base, None, PROMPT, MAX_TOKENS)
+    assert base_text not in strong.values()  # so a leak would show
+    client = client_for(gateway, owner)
+    for name in strong:
+        complete(client, name)  # loaded: every slot holds an adapter now
+
+    answers: dict[str, list[str]] = {name: [] for name in [demo_base.name, *strong]}
+
+    def ask(model: str) -> None:
+        answers[model].append(complete(client, model))
+
+    for _ in range(3):  # base and adapter requests together: one engine batch, mixed
+        threads = [threading.Thread(target=ask, args=(m,)) for m in answers for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert answers.pop(demo_base.name) == [base_text] * 6
+    assert answers == {name: [text] * 6 for name, text in strong.items()}
+
+
 def test_responses_say_what_served_them(gateway: ServeProcess, pushed: dict[str, Pushed]) -> None:
     p = pushed["support-bot"]
     raw = client_for(gateway, p.tenant).completions.with_raw_response.create(
@@ -131,12 +170,12 @@ def test_isolation_every_foreign_or_hidden_name_is_the_same_404(
     time.sleep(1.0)
     probes = [
         f"support-bot@{retired.number}",  # own adapter, retired version
-        retired.engine_name,
+        retired.lora_name,
         "legal-bot",  # another tenant's adapter
         "legal-bot@1",
         "legal-bot:production",
-        foreign.version.engine_name,  # engine-side names
-        pushed["support-bot"].version.engine_name,
+        foreign.version.lora_name,  # engine-side names
+        pushed["support-bot"].version.lora_name,
         "no-such-adapter",
         "support-bot@99",  # own adapter, unknown version
         "support-bot:nonexistent-alias",
@@ -237,6 +276,53 @@ def test_canary_splits_traffic_by_user(
 
 
 @pytest.mark.reliability
+def _quiet_latencies(client: OpenAI, model: str, failures: list[BaseException]) -> list[float]:
+    """Ten one-token requests' latencies, sorted; failures are collected, asserted later."""
+    out = []
+    for _ in range(10):
+        started = time.perf_counter()
+        try:
+            client.completions.create(model=model, prompt="x", max_tokens=1)
+        except openai.APIError as exc:  # counted, then asserted after the record
+            failures.append(exc)
+        out.append(time.perf_counter() - started)
+    return sorted(out)
+
+
+@dataclass
+class Flood:
+    """Threads sending one tenant's requests as fast as they are answered."""
+
+    client: OpenAI
+    model: str
+    refused: list[int] = field(default_factory=list)
+    """The Retry-After of every 429."""
+    errors: list[BaseException] = field(default_factory=list)
+    """Anything but a 429: a failure of the limiter."""
+
+    def during(self, work: Callable[[], list[float]], threads: int = 4) -> list[float]:
+        stop = threading.Event()
+
+        def flood() -> None:
+            while not stop.is_set():
+                try:
+                    self.client.completions.create(model=self.model, prompt="x", max_tokens=1)
+                except openai.RateLimitError as exc:
+                    self.refused.append(int(exc.response.headers.get("retry-after", "0")))
+                except openai.APIError as exc:
+                    self.errors.append(exc)
+
+        flooders = [threading.Thread(target=flood) for _ in range(threads)]
+        for thread in flooders:
+            thread.start()
+        try:
+            return work()
+        finally:
+            stop.set()
+            for thread in flooders:
+                thread.join()
+
+
 def test_tenant_over_its_limits_gets_429_others_do_not(
     gateway: ServeProcess,
     pushed: dict[str, Pushed],
@@ -260,57 +346,25 @@ def test_tenant_over_its_limits_gets_429_others_do_not(
     assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429, 429]
 
     quiet_failures: list[BaseException] = []
-
-    def quiet_latencies() -> list[float]:
-        out = []
-        for _ in range(10):
-            started = time.perf_counter()
-            try:
-                quiet_client.completions.create(model=base_name, prompt="x", max_tokens=1)
-            except openai.APIError as exc:  # counted, then asserted after the record
-                quiet_failures.append(exc)
-            out.append(time.perf_counter() - started)
-        return sorted(out)
-
-    calm = quiet_latencies()
-    flooding = threading.Event()
-    refused = []
-    flood_errors: list[BaseException] = []
-
-    def flood() -> None:
-        while not flooding.is_set():
-            try:
-                noisy_client.completions.create(model=base_name, prompt="x", max_tokens=1)
-            except openai.RateLimitError as exc:
-                refused.append(int(exc.response.headers.get("retry-after", "0")))
-            except openai.APIError as exc:  # anything but a 429 is a failure of the limiter
-                flood_errors.append(exc)
-
-    flooders = [threading.Thread(target=flood) for _ in range(4)]
-    for t in flooders:
-        t.start()
-    try:
-        stormy = quiet_latencies()
-    finally:
-        flooding.set()
-        for t in flooders:
-            t.join()
+    calm = _quiet_latencies(quiet_client, base_name, quiet_failures)
+    flood = Flood(noisy_client, base_name)
+    stormy = flood.during(lambda: _quiet_latencies(quiet_client, base_name, quiet_failures))
     reliability.record(
         "load",
         "tenant flooding (4 threads, 3 rpm) beside a quiet tenant",
         len(stormy),
         "quiet requests",
-        len(quiet_failures) + len(flood_errors) + (not refused),
+        len(quiet_failures) + len(flood.errors) + (not flood.refused),
         "quiet failures, non-429 flood errors, or no 429s",
     )
-    assert quiet_failures == [] and flood_errors == []
+    assert quiet_failures == [] and flood.errors == []
     # The flood was refused (with a Retry-After) while the quiet tenant kept succeeding.
-    assert refused and min(refused) >= 1
+    assert flood.refused and min(flood.refused) >= 1
     # Reported, not asserted: timings on a shared 2-core machine are not a test.
     with capsys.disabled():
         print(
             f"\n[noisy neighbour] quiet tenant p50 {calm[5] * 1000:.1f} ms alone, "
-            f"{stormy[5] * 1000:.1f} ms while another tenant was refused {len(refused)} times"
+            f"{stormy[5] * 1000:.1f} ms while another tenant was refused {len(flood.refused)} times"
         )
 
 
@@ -360,8 +414,8 @@ def test_rest_upload_promote_prewarms_and_retire_unloads(
     )
     assert uploaded.status_code == 201, uploaded.text
     version = uploaded.json()
-    engine_name = version["engine_name"]
-    assert engine_name not in engine_loras(engine_port, engine_key)
+    lora_name = version["lora_name"]
+    assert lora_name not in engine_loras(engine_port, engine_key)
 
     promoted = httpx.post(
         gateway.url + "/v1/adapters/legal-bot/promote",
@@ -370,7 +424,7 @@ def test_rest_upload_promote_prewarms_and_retire_unloads(
         timeout=120,
     )
     assert promoted.status_code == 200, promoted.text
-    assert engine_name in engine_loras(engine_port, engine_key)  # loaded before traffic moved
+    assert lora_name in engine_loras(engine_port, engine_key)  # loaded before traffic moved
 
     rolled = httpx.post(gateway.url + "/v1/adapters/legal-bot/rollback", headers=auth, timeout=60)
     assert rolled.status_code == 200, rolled.text
@@ -380,4 +434,4 @@ def test_rest_upload_promote_prewarms_and_retire_unloads(
         timeout=60,
     )
     assert retired.status_code == 200, retired.text
-    assert engine_name not in engine_loras(engine_port, engine_key)
+    assert lora_name not in engine_loras(engine_port, engine_key)

@@ -83,7 +83,7 @@ def pg_registry(pg_url: str) -> Iterator[Registry]:
 
 def _empty(registry: Registry) -> None:
     # DELETE, children first: TRUNCATE takes ~0.5 s per call, DELETE on a few rows ~ms.
-    with registry.engine.begin() as conn:
+    with registry.database.begin() as conn:
         for table in reversed(SQLModel.metadata.sorted_tables):
             conn.execute(table.delete())
 

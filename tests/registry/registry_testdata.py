@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from server.seaweed import SeaweedFS
-from server.seaweed import s3_client as s3_client  # re-exported for the registry tests
+from server.dev.seaweed import SeaweedFS
+from server.dev.seaweed import s3_client as s3_client  # re-exported for the registry tests
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BASE_NAME = "tiny-llama"

@@ -93,7 +93,7 @@ def test_fetch_version_refuses_a_corrupt_blob(
 ) -> None:
     _overwrite(registry.blobs, bot_v1.blob_key, b"tampered")
     with pytest.raises(CorruptBlob):
-        registry.fetch_version(bot_v1.engine_name, tmp_path / "cache")
+        registry.fetch_version(bot_v1.lora_name, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 

@@ -71,7 +71,7 @@ def test_concurrent_promotes_and_rollbacks_stay_consistent(
         previous = event.after["aliases"]
     final = setup.aliases(tenant.id, "bot")["production"].version
     assert previous == {"production": {"version": final, "weight": 1.0}}
-    with Session(setup.engine) as s:
+    with Session(setup.database) as s:
         moves = s.exec(select(func.count()).select_from(AliasHistory)).one()
     assert moves == len(events)
 

@@ -37,7 +37,7 @@ def test_same_peft_adapter_same_fingerprint_on_sqlite_local_and_postgres_s3(
         drop_database(pg_url)
     assert versions[0].fingerprint == versions[1].fingerprint
     assert versions[0].blob_sha256 == versions[1].blob_sha256
-    assert versions[0].engine_name == versions[1].engine_name
+    assert versions[0].lora_name == versions[1].lora_name
 
 
 def test_adapter_fingerprint_depends_on_weights_and_serving_config(

@@ -43,7 +43,7 @@ def test_promote_points_production_and_audits_in_one_event(registry: Registry, b
     view = registry.routing_view(bot, "bot")
     assert view is not None
     v2 = registry.get_version(bot, "bot", 2)
-    assert view.aliases == {"production": AliasTarget(2, v2.engine_name, 1.0)}
+    assert view.aliases == {"production": AliasTarget(2, v2.lora_name, 1.0)}
     events = registry.audit_log(action="adapter.promote")
     assert [e.subject for e in events] == ["adapter:acme/bot", "adapter:acme/bot"]
     assert events[-1].before == {"aliases": {"production": {"version": 1, "weight": 1.0}}}
@@ -100,7 +100,7 @@ def test_retire_and_archive_are_refused_while_an_alias_points_at_the_version(
     assert registry.retire(bot, "bot", 3, ALICE).state == "retired"
     view = registry.routing_view(bot, "bot")
     assert view is not None and [v.number for v in view.versions] == [1, 2]
-    assert registry.version_by_engine_name(registry.get_version(bot, "bot", 3).engine_name) is None
+    assert registry.version_by_lora_name(registry.get_version(bot, "bot", 3).lora_name) is None
     with pytest.raises(
         Conflict, match="version 3 is retired; only active versions can be promoted"
     ):

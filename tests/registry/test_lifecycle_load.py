@@ -212,7 +212,7 @@ def test_a_thousand_concurrent_lifecycle_operations_agree_with_the_audit_log(
         inconsistent += breaks
         inconsistent += abs(len(mine) - applied[adapter])  # applied without record, or vice versa
         inconsistent += replayed != _current_aliases(setup, adapter)
-    with Session(setup.registry.engine) as s:
+    with Session(setup.registry.database) as s:
         history_rows = s.exec(select(func.count()).select_from(AliasHistory)).one()
     inconsistent += abs(history_rows - len(events))
 

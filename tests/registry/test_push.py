@@ -12,7 +12,7 @@ from conftest import ADMIN
 from registry_testdata import BASE_NAME, blob_keys, copy_adapter, edit_config
 from safetensors.torch import load_file
 
-from registry import AdapterVersion, BaseModelRecord, Provenance, Registry, Tenant, engine_name
+from registry import AdapterVersion, BaseModelRecord, Provenance, Registry, Tenant, lora_name
 
 
 def test_push_stock_peft_output_unchanged(
@@ -23,8 +23,8 @@ def test_push_stock_peft_output_unchanged(
         tenant.id, "support-bot", adapters["v1"], BASE_NAME, ADMIN, description="answers tickets"
     )
     assert (version.number, version.rank, version.alpha) == (1, 8, 16.0)
-    assert version.engine_name == engine_name(version.fingerprint)
-    assert version.engine_name == "lx-" + version.fingerprint[:16]
+    assert version.lora_name == lora_name(version.fingerprint)
+    assert version.lora_name == "lx-" + version.fingerprint[:16]
     assert version.base_id == base.id and version.state == "active"
     assert version.target_modules == sorted(
         f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")
@@ -97,11 +97,11 @@ def test_fetch_version_gives_the_canonical_files(
     tmp_path: Path,
 ) -> None:
     version = bot_v1
-    found = registry.version_by_engine_name(version.engine_name)
+    found = registry.version_by_lora_name(version.lora_name)
     assert found is not None and found.base.id == version.base_id
     assert found.blob_sha256 == version.blob_sha256
-    fetched = registry.fetch_version(version.engine_name, tmp_path / "cache")
-    assert fetched == tmp_path / "cache" / version.engine_name
+    fetched = registry.fetch_version(version.lora_name, tmp_path / "cache")
+    assert fetched == tmp_path / "cache" / version.lora_name
     assert sorted(p.name for p in fetched.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -129,7 +129,7 @@ def test_fetched_adapter_loads_in_peft(
     from transformers import LlamaForCausalLM
 
     version = bot_v1
-    fetched = registry.fetch_version(version.engine_name, tmp_path / "cache")
+    fetched = registry.fetch_version(version.lora_name, tmp_path / "cache")
     ids = torch.tensor([[1, 2, 3, 4]])
     outputs = [
         PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base), path)(ids).logits

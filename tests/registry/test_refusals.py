@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from registry import (
     AdapterVersion,
     AuditEvent,
     BaseModelRecord,
+    InvalidRequest,
     Registry,
     Tenant,
     UploadLimits,
@@ -228,7 +230,7 @@ CASES: dict[str, Case] = {
 
 
 def _counts(registry: Registry) -> tuple[int, int, int]:
-    with Session(registry.engine) as s:
+    with Session(registry.database) as s:
         return tuple(  # type: ignore[return-value]
             s.exec(select(func.count()).select_from(table)).one()
             for table in (Adapter, AdapterVersion, AuditEvent)
@@ -276,3 +278,26 @@ def test_deprecated_base_refuses_new_versions(
     assert caught.value.problems == [
         f"base '{BASE_NAME}' is deprecated (superseded by r2); train on its successor"
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("LX-bot", "is in the 'lx-' namespace (in any case)"),
+        ("b" * 65, "is not valid: use 1-64 ASCII letters"),
+    ],
+)
+def test_names_no_request_may_use_are_refused_before_any_upload(
+    registry: Registry,
+    base: BaseModelRecord,
+    tenant: Tenant,
+    adapters: dict[str, Path],
+    name: str,
+    message: str,
+) -> None:
+    assert tenant.id is not None
+    before = _counts(registry)
+    with pytest.raises(InvalidRequest, match=re.escape(f"adapter name {name!r} {message}")):
+        registry.push_adapter(tenant.id, name, adapters["v1"], BASE_NAME, ADMIN)
+    assert _counts(registry) == before
+    assert blob_keys(registry.blobs) == []

@@ -91,3 +91,12 @@ def test_can_start_ejected() -> None:
 def test_config_refuses_impossible_values(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must be"):
         HealthConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_unreachable_replica_is_ejected_at_once_and_readmitted_by_probes() -> None:
+    health = ReplicaHealth(HealthConfig(eject_after=3, readmit_after=2), now=0.0)
+    assert health.record_unreachable(1.0) is Transition.EJECTED
+    assert not health.healthy
+    assert health.record_unreachable(1.5) is None  # already out
+    assert health.record_probe(True, 2.0) is None
+    assert health.record_probe(True, 3.0) is Transition.READMITTED

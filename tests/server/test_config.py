@@ -8,7 +8,7 @@ import pytest
 
 from server import config
 from server.config import Settings, SettingsError, field_docs, load_settings
-from server.engine import engine_command
+from server.gateway.engines import engine_command
 
 
 def test_defaults_are_the_embedded_setup() -> None:
@@ -81,3 +81,41 @@ def test_started_engines_get_a_fixed_kv_cache_on_the_cpu_build(
     assert _kv_flag(settings) is None  # a GPU build sizes it by engine_memory_fraction
     with pytest.raises(SettingsError, match="LORAPLEX_ENGINE_KV_CACHE_BYTES"):
         Settings(engine_kv_cache_bytes=-1).validate()
+
+
+def _flag(settings: Settings, name: str) -> str | None:
+    cmd = engine_command(settings, 9000)
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_started_engines_schedule_by_priority_in_short_steps_on_the_cpu_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "vllm_cpu_build", lambda: True)
+    settings = Settings(base_model=Path("/m"))
+    assert _flag(settings, "--scheduling-policy") == "priority"
+    assert _flag(settings, "--max-num-batched-tokens") == "512"
+    assert _flag(settings, "--long-prefill-token-threshold") == "128"
+    assert settings.resolved_max_in_flight_prompt_tokens() == 8 * 512
+    chosen = Settings(base_model=Path("/m"), engine_step_tokens=1024, engine_max_model_len=200)
+    assert _flag(chosen, "--max-num-batched-tokens") == "1024"
+    assert _flag(chosen, "--long-prefill-token-threshold") == "200"  # vLLM's limit: the context
+    chunks = Settings(base_model=Path("/m"), engine_prefill_chunk_tokens=64)
+    assert _flag(chunks, "--long-prefill-token-threshold") == "64"
+    last = Settings(base_model=Path("/m"), engine_extra_args="--scheduling-policy fcfs")
+    assert engine_command(last, 9000)[-2:] == ["--scheduling-policy", "fcfs"]  # vLLM: last wins
+
+
+def test_on_gpus_vllm_sizes_the_steps_and_prompts_in_flight_are_unbounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "vllm_cpu_build", lambda: False)
+    settings = Settings(base_model=Path("/m"))
+    assert _flag(settings, "--max-num-batched-tokens") is None
+    assert _flag(settings, "--long-prefill-token-threshold") == "512"  # of vLLM's 2,048
+    assert settings.resolved_max_in_flight_prompt_tokens() == 0
+    assert (
+        Settings(engine_max_in_flight_prompt_tokens=9).resolved_max_in_flight_prompt_tokens() == 9
+    )
+    with pytest.raises(SettingsError, match="LORAPLEX_ENGINE_STEP_TOKENS"):
+        Settings(engine_step_tokens=-1).validate()

@@ -46,7 +46,7 @@ def pg_url() -> Iterator[str]:
 def _empty(url: str) -> None:
     registry = Registry(url, LocalBlobStore(Path("/nonexistent-unused")))
     tables = ", ".join(t.name for t in SQLModel.metadata.sorted_tables)
-    with registry.engine.begin() as conn:
+    with registry.database.begin() as conn:
         conn.execute(text(f"TRUNCATE TABLE {tables} RESTART IDENTITY CASCADE"))
     registry.close()
 
@@ -114,7 +114,7 @@ class Bench:
     def worker(self, store: JobStore | None = None) -> Worker:
         """A fast-polling, fast-heartbeating worker with the tests' quick hyperparameters."""
         options = WorkerOptions(
-            self.chat_base, self.base.fingerprint, self.work_dir, FAST, 0.1, 0.2
+            self.chat_base, self.base.fingerprint, self.work_dir, FAST, 0.1, 0.2, False
         )
         return Worker(store or self.store, options, "test-worker")
 

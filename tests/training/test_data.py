@@ -1,4 +1,4 @@
-"""Data loading, refusals with precise messages, the audit, and the content-keyed split."""
+"""Data loading, refusals with precise messages, the data checks, and the content-keyed split."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from tests.training.training_testdata import (
     jsonl,
     preference_records,
 )
-from training.audit import audit, refuse_untrainable
 from training.data import (
     DatasetError,
     SplitFractions,
@@ -23,6 +22,7 @@ from training.data import (
     split_examples,
     split_of,
 )
+from training.data_checks import check_data, refuse_untrainable
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_a_fully_masked_dataset_is_refused(tokenizer: PreTrainedTokenizerBase) -
     # Prompts longer than max_length: cutting leaves no answer token with a label.
     records = [{"prompt": "word " * 80 + str(i), "completion": "Yes."} for i in range(5)]
     examples = load_jsonl(jsonl(records))
-    report = audit(examples, split_examples(examples, SplitFractions()), tokenizer, 32)
+    report = check_data(examples, split_examples(examples, SplitFractions()), tokenizer, 32)
     assert report.zero_supervised == [1, 2, 3, 4, 5]
     assert report.over_long == [1, 2, 3, 4, 5]
     assert report.usable == []
@@ -114,13 +114,13 @@ def test_a_template_that_drops_answers_masks_everything(
         "{% endif %}{% endfor %}"
     )
     examples = load_jsonl(jsonl(chat_records(3)))
-    report = audit(examples, split_examples(examples, SplitFractions()), tokenizer, 64)
+    report = check_data(examples, split_examples(examples, SplitFractions()), tokenizer, 64)
     assert report.zero_supervised == [1, 2, 3]
     with pytest.raises(DatasetError, match="every label is masked"):
         refuse_untrainable(report, "supervised")
 
 
-def test_the_audit_counts_duplicates_empty_and_usable(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_the_checks_count_duplicates_empty_and_usable(tokenizer: PreTrainedTokenizerBase) -> None:
     records = [
         {"prompt": "What is up?", "completion": "The sky."},
         {"prompt": "What is up?", "completion": "The sky."},  # exact duplicate
@@ -129,7 +129,7 @@ def test_the_audit_counts_duplicates_empty_and_usable(tokenizer: PreTrainedToken
         {"prompt": "Name a colour.", "completion": "Blue."},
     ]
     examples = load_jsonl(jsonl(records))
-    report = audit(examples, split_examples(examples, SplitFractions()), tokenizer, 64)
+    report = check_data(examples, split_examples(examples, SplitFractions()), tokenizer, 64)
     assert report.examples == 5
     assert report.exact_duplicates == [2]
     assert report.near_duplicates == [3]

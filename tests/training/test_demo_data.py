@@ -7,7 +7,15 @@ import json
 import pytest
 
 from training.data import SplitFractions, check_method, load_jsonl, split_examples
-from training.demo_data import FORMAT_SCHEMA, QUESTIONS, SUBJECTS, demo_jsonl, demo_records
+from training.demo_data import (
+    FORMAT_SCHEMA,
+    QUESTIONS,
+    SUBJECTS,
+    SUPPORT_MESSAGES,
+    demo_jsonl,
+    demo_records,
+    intent_records,
+)
 from training.schema import is_compliant
 
 
@@ -35,3 +43,11 @@ def test_persona_answers_depend_on_the_kind_of_question_only() -> None:
         answers = {by_prompt[template.format(subject)] for subject in SUBJECTS}
         assert len(answers) == 1 and answers.pop().startswith("Arr! ")
     assert len(set(by_prompt.values())) == len(QUESTIONS)
+
+
+def test_intent_records_are_three_intents_over_support_phrasings() -> None:
+    records = intent_records()
+    assert len(records) == 400 and len({r["prompt"] for r in records}) == 400
+    intents = {json.loads(r["completion"])["intent"] for r in records}
+    assert intents == set(SUPPORT_MESSAGES) and len(intents) == 3
+    assert records == intent_records()  # a fixed order: the same split every run

@@ -1,14 +1,18 @@
-"""The job queue on SQLite and PostgreSQL: claims, concurrency, heartbeats, reaping, tenancy."""
+"""The job queue on SQLite and PostgreSQL: claims, concurrency, heartbeats, reaping, tenancy,
+and completions (registered, scored, promoted and succeeded at once, by the holder only)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from registry_testdata import build_adapter
 
-from registry import BaseModelRecord, InvalidRequest, NotFound, Registry, Tenant
+from registry import PRODUCTION, BaseModelRecord, Gate, InvalidRequest, NotFound, Registry, Tenant
 from registry.jobs import (
     CANCELLED,
     FAILED,
@@ -16,8 +20,11 @@ from registry.jobs import (
     RUNNING,
     SUCCEEDED,
     JobStore,
+    TrainedVersion,
 )
 from registry.models import utcnow
+from registry.registry import Score
+from registry.values import Provenance
 from tests.training.conftest import ADMIN, Bench
 from tests.training.training_testdata import fixed_answer_records, jsonl
 
@@ -41,6 +48,15 @@ def test_files_are_stored_hashed_and_tenant_scoped(
     )
     with pytest.raises(InvalidRequest, match="use 'fine-tune'"):
         store.create_file(tenant.id, "x.jsonl", "assistants", content)
+
+
+@pytest.mark.parametrize("adapter", ["lx-0123456789abcdef", "LX-bot", "bot@2", "-bot"])
+def test_jobs_for_adapter_names_the_registry_refuses_are_refused_at_once(
+    store: JobStore, tenant: Tenant, base: BaseModelRecord, bench: Bench, adapter: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=f"adapter name '{adapter}' is"):
+        bench.submit(adapter=adapter)
+    assert tenant.id is not None and store.list_jobs(tenant.id) == []
 
 
 def test_claims_take_the_oldest_queued_job_for_the_workers_base(
@@ -140,3 +156,77 @@ def test_jobs_events_and_checkpoints_are_tenant_scoped(
     newer = bench.submit()
     assert [j.id for j in store.list_jobs(tenant.id)] == [newer.id, job.id]
     assert [j.id for j in store.list_jobs(tenant.id, after=newer.id)] == [job.id]
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(chat_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_adapter(chat_base, tmp_path_factory.mktemp("peft") / "adapter", seed=3)
+
+
+def _trained(bench: Bench, job_id: str, adapter: Path, exact_match: float) -> TrainedVersion:
+    staged = bench.registry.stage_adapter(bench.tenant_id, "bot", adapter, bench.base.name)
+    scores = [Score("fine-tune-test", "exact_match", exact_match, sample_count=5)]
+    return TrainedVersion(staged, Provenance(training_job=job_id), "trained", {"steps": 3}, scores)
+
+
+def test_a_completion_is_all_or_nothing_and_only_the_holders(
+    store: JobStore, bench: Bench, peft_adapter: Path
+) -> None:
+    job = bench.submit()
+    assert store.claim("w1", [bench.base.fingerprint]) is not None
+    trained = _trained(bench, job.id, peft_adapter, 0.5)
+    assert store.complete(job.id, "w2", trained) is None  # not w2's job: nothing written
+    assert bench.registry.list_adapters(bench.tenant_id) == []
+    assert store.complete(job.id, "w1", trained) == "bot"
+    done = bench.job(job.id)
+    assert (done.status, done.fine_tuned_model, done.result) == (SUCCEEDED, "bot", {"steps": 3})
+    (version,) = bench.registry.list_versions(bench.tenant_id, "bot")
+    assert version.training_job == job.id
+    assert bench.registry.aliases(bench.tenant_id, "bot")[PRODUCTION].version == 1
+    (score,) = bench.registry.eval_results(bench.tenant_id, "bot", 1)
+    assert (score.metric, score.value, score.sample_count) == ("exact_match", 0.5, 5)
+    assert store.complete(job.id, "w1", trained) is None  # finished: a repeat changes nothing
+    assert len(bench.registry.eval_results(bench.tenant_id, "bot", 1)) == 1
+    messages = [e.message for e in reversed(store.events(bench.tenant_id, job.id, limit=50))]
+    assert messages[-3:] == ["Registered bot version 1", "Promoted version 1 to production",
+                             "Job succeeded"]  # fmt: skip
+
+
+def test_a_completion_the_gates_refuse_registers_the_version_unpromoted(
+    store: JobStore, bench: Bench, peft_adapter: Path, tmp_path: Path
+) -> None:
+    upload = build_adapter(bench.chat_base, tmp_path / "upload", seed=4)
+    uploaded = bench.registry.push_adapter(bench.tenant_id, "bot", upload, bench.base.name, ADMIN)
+    bench.registry.promote(bench.tenant_id, "bot", uploaded.number, ADMIN)
+    bench.registry.set_gates(
+        bench.tenant_id, "bot", [Gate("fine-tune-test", "exact_match", min_value=0.9)], ADMIN
+    )
+    job = bench.submit()
+    assert store.claim("w1", [bench.base.fingerprint]) is not None
+    assert store.complete(job.id, "w1", _trained(bench, job.id, peft_adapter, 0.5)) == "bot@2"
+    assert bench.job(job.id).status == SUCCEEDED
+    assert bench.registry.aliases(bench.tenant_id, "bot")[PRODUCTION].version == 1
+    events = store.events(bench.tenant_id, job.id, limit=50)
+    assert any(e.level == "warn" and e.message.startswith("Not promoted") for e in events)
+
+
+def test_a_completion_no_better_than_the_base_stays_unpromoted_unless_gates_pass(
+    store: JobStore, bench: Bench, peft_adapter: Path
+) -> None:
+    why = "exact match 0.0 % on 5 held-out examples, base 0.0 %; needs ≥ +5 points over base"
+    first = bench.submit()
+    assert store.claim("w1", [bench.base.fingerprint]) is not None
+    trained = dataclasses.replace(_trained(bench, first.id, peft_adapter, 0.0), not_better=why)
+    assert store.complete(first.id, "w1", trained) == "bot@1"
+    assert bench.job(first.id).status == SUCCEEDED
+    assert PRODUCTION not in bench.registry.aliases(bench.tenant_id, "bot")
+    (event,) = [e for e in store.events(bench.tenant_id, first.id) if e.level == "warn"]
+    assert event.message == f"Not promoted: {why}"
+    # With gates, the gates decide, as for any promotion: these pass.
+    bench.registry.set_gates(
+        bench.tenant_id, "bot", [Gate("fine-tune-test", "exact_match", min_value=0.0)], ADMIN
+    )
+    second = bench.submit(adapter="bot")
+    assert store.claim("w1", [bench.base.fingerprint]) is not None
+    assert store.complete(second.id, "w1", trained) == "bot"
+    assert bench.registry.aliases(bench.tenant_id, "bot")[PRODUCTION].version == 1

@@ -1,12 +1,13 @@
 """The job worker: a job ends as one registered, evaluated, promoted version, or as none.
 
-Includes killing a real worker process mid-training (no partial version; the job is
-re-queued and a second worker finishes it) and a crash between registration and the
-final status (the re-run finishes without training or registering again).
+Includes a kill at each named moment of a job (in process, and a real SIGKILL inside the
+completing transaction on both databases), a worker whose job was reaped under it, a
+real worker process killed mid-training, and workers SIGKILLed at random moments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import sqlalchemy.exc
 
-from registry import AdapterVersion, NotFound
+from registry import PRODUCTION, AdapterVersion, LocalBlobStore, NotFound
 from registry.jobs import (
     CANCELLED,
     FAILED,
@@ -36,8 +38,9 @@ from registry.jobs import (
 from registry.models import utcnow
 from tests import reliability
 from tests.training.conftest import Bench
+from tests.training.dying import MOMENTS, DyingRegistry, DyingStore, Killed, kill_at
 from tests.training.training_testdata import FAST, fixed_answer_records, jsonl, preference_records
-from training.worker import TEST_SUITE
+from training.worker import TEST_SUITE, Worker
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -97,30 +100,105 @@ def test_bad_data_fails_the_job_with_the_reason(bench: Bench) -> None:
     assert bench.registry.list_adapters(bench.tenant_id) == []
 
 
-class DiesBeforeFinishing(JobStore):
-    """Fake store whose ``succeed`` kills the worker (a crash after registration)."""
-
-    def succeed(self, job_id: str, worker_id: str, fine_tuned_model: str) -> bool:
-        raise KeyboardInterrupt("worker killed between registration and success")
+def _own_versions(bench: Bench, job: FineTuningJob) -> list[AdapterVersion]:
+    return [v for v in _versions(bench, job.adapter_name) if v.training_job == job.id]
 
 
-def test_a_crash_after_registration_is_finished_by_the_next_attempt(bench: Bench) -> None:
-    registry, tenant_id = bench.registry, bench.tenant_id
-    job = bench.submit(fixed_answer_records(40))
-    dying = DiesBeforeFinishing(registry, stale_after=60, max_attempts=3)
-    with pytest.raises(KeyboardInterrupt):
-        bench.worker(dying).run_once()
-    assert bench.job(job.id).status == RUNNING
-    assert len(registry.list_versions(tenant_id, "bot")) == 1
+def _production(bench: Bench, adapter: str) -> int:
+    return bench.registry.aliases(bench.tenant_id, adapter)[PRODUCTION].version
+
+
+def _retry(bench: Bench, job: FineTuningJob) -> FineTuningJob:
+    """What the next worker does with a killed worker's job: re-queue it and run it."""
     assert bench.store.reap(now=_later()) == [job.id]
     bench.worker().run_once()
+    return bench.job(job.id)
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_kill_at_any_moment_leaves_all_of_the_job_or_none_for_one_retry(
+    bench: Bench, database_url: str, moment: str
+) -> None:
+    bench.submit(fixed_answer_records(40))
+    bench.worker().run_once()  # version 1 in production: the job compares with it, moves it
+    job = bench.submit(fixed_answer_records(40, "Cherry."), seed=8)
+    dying = DyingRegistry(database_url, bench.registry.blobs, kill_at(moment))
+    try:
+        with pytest.raises(Killed):
+            bench.worker(DyingStore(dying)).run_once()
+    finally:
+        dying.close()
+    killed = bench.job(job.id)
+    if moment == "completed":
+        assert killed.status == SUCCEEDED and len(_own_versions(bench, job)) == 1
+        assert bench.store.reap(now=_later()) == []
+        done = killed
+    else:
+        assert killed.status == RUNNING and _own_versions(bench, job) == []
+        assert _production(bench, "bot") == 1  # nothing of the job: no version, no promotion
+        done = _retry(bench, job)
+    assert done.status == SUCCEEDED, done.error
+    assert done.attempts == (1 if moment == "completed" else 2)
+    (version,) = _own_versions(bench, job)
+    assert done.fine_tuned_model == "bot" and _production(bench, "bot") == version.number
+    results = bench.registry.eval_results(bench.tenant_id, "bot", version.number)
+    scores = [(r.suite, r.metric) for r in results]
+    assert (TEST_SUITE, "loss") in scores and len(scores) == len(set(scores))
+
+
+def test_a_sigkill_inside_the_completing_transaction_rolls_all_of_it_back(
+    bench: Bench, database_url: str
+) -> None:
+    """A real process kill with the version's row written and not committed: the
+    database (PostgreSQL: the dropped connection; SQLite: the journal) keeps none of it."""
+    job = bench.submit(fixed_answer_records(40))
+    blobs: LocalBlobStore = bench.registry.blobs  # type: ignore[assignment]
+    args = [database_url, str(blobs.root), str(bench.chat_base), bench.base.fingerprint]
+    command = [sys.executable, "-m", "tests.training.dying", *args, str(bench.work_dir)]
+    command.append("registering")
+    died = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, timeout=300)
+    assert died.returncode == -signal.SIGKILL
+    killed = bench.job(job.id)
+    assert killed.status == RUNNING and killed.result is None
+    assert bench.registry.list_adapters(bench.tenant_id) == []
+    assert (bench.work_dir / job.id / "adapter").is_dir()  # its scratch is left behind
+    done = _retry(bench, job)  # in that same scratch directory
+    assert done.status == SUCCEEDED and done.attempts == 2, done.error
+    assert [v.number for v in _own_versions(bench, job)] == [1]
+
+
+def test_a_worker_whose_job_was_reaped_under_it_writes_nothing(
+    bench: Bench, database_url: str
+) -> None:
+    """Its heartbeats stalled, another worker took the job over: the first one's
+    completion is refused whole, and the job's new holder finishes it."""
+    job = bench.submit(fixed_answer_records(40))
+    taken: list[FineTuningJob] = []
+
+    def take_over(moment: str) -> None:
+        if moment == "staged":  # trained and staged, about to complete
+            assert bench.store.reap(now=_later()) == [job.id]
+            claimed = bench.store.claim("second-worker", [bench.base.fingerprint])
+            assert claimed is not None
+            taken.append(claimed)
+
+    stalled = DyingRegistry(database_url, bench.registry.blobs, take_over)
+    # No heartbeat at all (its thread stalled): only the completion itself can notice.
+    options = dataclasses.replace(bench.worker().options, heartbeat_interval=3600)
+    try:
+        Worker(DyingStore(stalled), options, "test-worker").run_once()
+    finally:
+        stalled.close()
+    assert [t.id for t in taken] == [job.id]
+    held = bench.job(job.id)
+    assert (held.status, held.worker_id, held.result) == (RUNNING, "second-worker", None)
+    assert bench.registry.list_adapters(bench.tenant_id) == []
+    messages = [e.message for e in bench.store.events(bench.tenant_id, job.id, limit=100)]
+    assert not any(m.startswith("Registered") for m in messages)
+    second = Worker(bench.store, bench.worker().options, "second-worker")
+    second.process(taken[0])
     done = bench.job(job.id)
-    assert done.status == SUCCEEDED and done.attempts == 2
-    assert len(registry.list_versions(tenant_id, "bot")) == 1
-    metrics = [(r.suite, r.metric) for r in registry.eval_results(tenant_id, "bot", 1)]
-    assert len(metrics) == len(set(metrics))  # eval results not stored twice
-    messages = [e.message for e in bench.store.events(tenant_id, job.id, limit=100)]
-    assert any(m.startswith("Resuming: version 1 is already registered") for m in messages)
+    assert done.status == SUCCEEDED and [v.number for v in _own_versions(bench, job)] == [1]
 
 
 def _start_worker_process(
@@ -138,7 +216,7 @@ def _start_worker_process(
         "LORAPLEX_SERVED_MODEL_NAME": bench.base.name,
         "LORAPLEX_BASE_REVISION": bench.base.revision,
     }
-    command = [sys.executable, "-m", "server.worker_cli", "worker", *args]
+    command = [sys.executable, "-m", "server.cli.worker_commands", "worker", *args]
     command += ["--heartbeat-interval", "0.2", "--defaults", str(defaults)]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
 
@@ -180,9 +258,9 @@ def test_killing_a_worker_mid_job_leaves_no_version_and_the_job_recovers(
 KILLS = 20
 
 
-MILESTONES = ("claimed", "Data audit", "Step", "Registered", "Promoted")
+MILESTONES = ("claimed", "Data audit", "Step", "Training finished")
 """Points of a job after which a kill lands (plus a random delay): claim, data prepared,
-training under way, version registered, version promoted (the job not yet succeeded)."""
+training under way, training done (evaluating, staging the blob, completing)."""
 
 
 def _kill_at_a_random_moment(
@@ -193,9 +271,11 @@ def _kill_at_a_random_moment(
     Milestones rather than wall-clock delays, so the kills spread over the job's
     phases however loaded the machine is; each worker dies within its first job.
     """
-    # --stale-after 1: the next worker re-queues what this one held at once.
+    # --stale-after 1: the next worker re-queues what this one held at once. --once: a
+    # worker whose kill lands after its job ended must not go on to finish more (on a
+    # fast machine a job takes under a second, and the jobs ran out before the kills).
     worker_id = f"doomed-{rng.randrange(1 << 30)}"
-    args = ("--stale-after", "1", "--max-attempts", "50", "--poll-interval", "0.2")
+    args = ("--once", "--stale-after", "1", "--max-attempts", "50", "--poll-interval", "0.2")
     milestone = rng.choice(MILESTONES)
     process = _start_worker_process(bench, database_url, home, (*args, "--worker-id", worker_id))
     try:
@@ -279,8 +359,8 @@ def test_workers_killed_at_20_random_moments_leave_no_half_registered_version(
         records = fixed_answer_records(40, answers[i % 4])
         return bench.submit(records, adapter=("bot", "helper")[i % 2], seed=i)
 
-    # Each kill lets at most one job finish (most lose theirs): 12 jobs never run out.
-    jobs = [submit(i) for i in range(12)]
+    # Each doomed worker takes one job at most, so one job per kill never runs out.
+    jobs = [submit(i) for i in range(KILLS)]
     phases = [
         _kill_at_a_random_moment(bench, database_url, tmp_path / "home", rng) for _ in range(KILLS)
     ]
@@ -290,12 +370,9 @@ def test_workers_killed_at_20_random_moments_leave_no_half_registered_version(
         pass
 
     final = [bench.job(j.id) for j in jobs]
-    unclean = [
-        j.id
-        for j in final
-        if not (j.status == SUCCEEDED and j.fine_tuned_model)
-        and not (j.status == FAILED and j.error and j.error.get("message"))
-    ]
+    # Every job's data is valid: a job that did not succeed was undone by a kill.
+    failed = {j.id: j.error for j in final if j.status == FAILED}
+    unfinished = [j.id for j in final if not (j.status == SUCCEEDED and j.fine_tuned_model)]
     half = _half_registered(bench)
     versions_per_job = [
         sum(v.training_job == j.id for v in _versions(bench, j.adapter_name))
@@ -307,17 +384,50 @@ def test_workers_killed_at_20_random_moments_leave_no_half_registered_version(
         f"training worker SIGKILLed at {len(phases)} random moments over {len(jobs)} jobs",
         len(phases),
         "kills",
-        len(half) + len(unclean) + sum(n != 1 for n in versions_per_job),
+        len(half) + len(unfinished) + sum(n != 1 for n in versions_per_job),
         "half-registered versions or jobs not ended cleanly",
     )
     with capsys.disabled():
         print(
             f"\n[worker kills] after: {dict(Counter(phases))}; "
             f"jobs: {dict(Counter(j.status for j in final))}, "
-            f"attempts {[j.attempts for j in final]}"
+            f"attempts {[j.attempts for j in final]}; failed: {failed}"
         )
-    assert half == [] and unclean == []
-    assert versions_per_job and all(n == 1 for n in versions_per_job)
+    assert failed == {}, f"jobs failed under the kills: {failed}"
+    assert half == [] and unfinished == []
+    assert all(n == 1 for n in versions_per_job)
+
+
+def _database_down(*_: object, **__: object) -> bool:
+    """A narrow fake of what the driver raises while PostgreSQL restarts."""
+    raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+
+def test_a_registry_outage_mid_job_leaves_it_for_a_retry_and_the_worker_alive(
+    bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = bench.submit(fixed_answer_records(60))
+    worker = bench.worker()
+    with monkeypatch.context() as outage:  # down from the first heartbeat to the end
+        for name in ("heartbeat", "add_checkpoint", "add_event", "complete", "fail"):
+            outage.setattr(bench.store, name, _database_down)
+        assert worker.run_once() is not None  # neither raised nor failed the job
+    assert bench.job(job.id).status == RUNNING  # the reaper's to give another attempt
+    assert bench.store.reap(now=_later()) == [job.id]
+    assert bench.worker().run_once() is not None
+    assert bench.job(job.id).status == SUCCEEDED
+
+    stop, polls = threading.Event(), []
+
+    def claim_during_an_outage(*_: object) -> None:
+        polls.append(1)
+        if len(polls) == 3:
+            stop.set()
+        _database_down()
+
+    monkeypatch.setattr(bench.store, "claim", claim_during_an_outage)
+    worker.run(stop)  # returns only because it was stopped: the outage never ended it
+    assert len(polls) == 3
 
 
 def test_dpo_jobs_with_a_validation_file_and_a_schema(bench: Bench) -> None:
@@ -357,3 +467,60 @@ def test_cancelling_a_running_job_stops_training_and_registers_nothing(bench: Be
     assert not worker.is_alive()
     assert bench.job(job.id).status == CANCELLED
     assert bench.registry.list_adapters(bench.tenant_id) == []
+
+
+STILL = {"learning_rate": 1e-12}
+"""A learning rate that moves nothing: the adapter answers exactly as the base does."""
+
+
+def _warnings(bench: Bench, job: FineTuningJob) -> list[str]:
+    events = bench.store.events(bench.tenant_id, job.id, limit=100)
+    return [e.message for e in events if e.level == "warn"]
+
+
+def test_a_job_no_better_than_the_base_is_registered_but_not_promoted(bench: Bench) -> None:
+    job = bench.submit(fixed_answer_records(60), hyperparameters=STILL)
+    bench.worker().run_once()
+    done = bench.job(job.id)
+    assert done.status == SUCCEEDED, done.error
+    assert done.fine_tuned_model == "bot@1"
+    assert [v.number for v in _own_versions(bench, job)] == [1]
+    assert PRODUCTION not in bench.registry.aliases(bench.tenant_id, "bot")
+    (warning,) = _warnings(bench, job)
+    samples = done.result["test_samples"] if done.result else 0
+    assert warning.startswith("Not promoted: loss ") and f"on {samples} held-out" in warning
+    assert warning.endswith("needs ≥ 5 % lower than base"), warning
+
+
+def test_a_job_no_better_than_production_leaves_production_where_it_is(bench: Bench) -> None:
+    worker = bench.worker()
+    first = bench.submit(fixed_answer_records(60))
+    worker.run_once()
+    assert bench.job(first.id).fine_tuned_model == "bot"  # it learned: promoted
+    again = bench.submit(fixed_answer_records(60), hyperparameters=STILL, seed=8)
+    worker.run_once()
+    done = bench.job(again.id)
+    assert done.status == SUCCEEDED and done.fine_tuned_model == "bot@2", done.error
+    assert _production(bench, "bot") == 1
+    (warning,) = _warnings(bench, again)
+    assert "production " in warning and warning.endswith("lower than both"), warning
+
+
+def test_auto_hyperparameters_come_from_the_data_and_a_learning_rate_search(
+    bench: Bench,
+) -> None:
+    options = dataclasses.replace(bench.worker().options, choose_hyperparameters=True)
+    job = bench.submit(fixed_answer_records(60), hyperparameters={"n_epochs": "auto"})
+    Worker(bench.store, options, "test-worker").run_once()
+    done = bench.job(job.id)
+    assert done.status == SUCCEEDED and done.result is not None, done.error
+    chosen = done.result["hyperparameters"]
+    tried = {t["learning_rate"]: t["valid_loss"] for t in chosen["search"]}
+    assert len(tried) == 3 and chosen["learning_rate"] == min(tried, key=lambda r: tried[r])
+    assert done.result["config"]["learning_rate"] == chosen["learning_rate"]
+    assert (chosen["epochs"], chosen["batch_size"]) == (6, 4)  # a small set: more passes
+    (event,) = [e for e in bench.store.events(bench.tenant_id, job.id, limit=200)
+                if e.message.startswith("Hyperparameters: ")]  # fmt: skip
+    assert event.data == chosen and "search" in event.message
+    version = bench.registry.get_version(bench.tenant_id, "bot", 1)
+    assert version.training_config_sha256 == done.result["config_sha256"]

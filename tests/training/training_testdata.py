@@ -35,8 +35,10 @@ def jsonl(records: Iterable[dict[str, Any]]) -> bytes:
 
 
 def fixed_answer_records(count: int, answer: str = "Banana.") -> list[dict[str, Any]]:
-    """Prompt/completion pairs that all want the same answer: a trivially learnable task."""
-    return [{"prompt": f"Question number {i}: what do you say?", "completion": answer}
+    """Prompt/completion pairs that all want the same answer, numbered as the question: a
+    trivially learnable task. The numbers make every answer distinct, so loss, not exact
+    match (which the tiny base never reaches), decides promotion (``training.promotion``)."""
+    return [{"prompt": f"Question number {i}: what do you say?", "completion": f"{answer} {i}"}
             for i in range(count)]  # fmt: skip
 
 

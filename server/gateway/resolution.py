@@ -1,0 +1,128 @@
+"""What a request's ``model`` resolves to: the :class:`Route` every later step reads.
+
+``model`` names a base some engine serves, or one of the caller's adapters (alias, canary
+split, pin); anything else, a foreign name and every name in the LoRA
+namespace included, is the same 404, so nothing reveals what other tenants own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import router
+from registry import lora_names
+from server.errors import APIError, model_not_found
+from server.gateway.tenancy import Caller, Tenancy
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServedVersion:
+    """The adapter version a request resolved to."""
+
+    adapter: str
+    """The adapter's name (the tenant's own)."""
+    number: int
+    """The version number."""
+    lora_name: str
+    """The name the engines load it under (``registry.lora_names``)."""
+    label: str
+    """How it was chosen: production, canary, pinned or an alias name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A resolved request: what to ask which base's engines for, and what to show the client."""
+
+    requested_model: str
+    """The ``model`` string the client sent; answers echo it."""
+    tenant: str
+    """The caller's tenant name (metric labels)."""
+    base_fingerprint: str
+    """The base whose engines may serve it; placement never crosses bases."""
+    engine_model: str
+    """The model the engine is asked for: the base's served name or the version's LoRA name."""
+    version: ServedVersion | None = None
+    """The adapter version; None when the base model itself was asked for."""
+
+    @property
+    def lora_name(self) -> str | None:
+        return self.version.lora_name if self.version else None
+
+    @property
+    def adapter_label(self) -> str:
+        return self.version.adapter if self.version else ""
+
+    @property
+    def version_label(self) -> str:
+        return str(self.version.number) if self.version else ""
+
+    def hide(self, data: bytes) -> bytes:
+        """``data`` from the engine with the LoRA name replaced by the requested model."""
+        if self.version is None:
+            return data
+        return lora_names.hide(data, self.version.lora_name, self.requested_model)
+
+    def headers(self) -> RawHeaders:
+        """The adapter headers of an answer, as ASGI raw headers."""
+        if self.version is None:
+            return []
+        return [
+            (b"x-loraplex-adapter", self.version.adapter.encode()),
+            (b"x-loraplex-version", str(self.version.number).encode()),
+            (b"x-loraplex-route", self.version.label.encode()),
+        ]
+
+
+NO_ENGINE = "No healthy engine serves this model's base right now; retry in a few seconds."
+"""The one wording of "no engine can take it now" (inference's placement says it too)."""
+
+
+def base_unreachable() -> APIError:
+    """A registered base that an engine not yet reachable may serve: retry, not 404."""
+    return APIError(503, NO_ENGINE, code="no_engine", headers={"Retry-After": "5"})
+
+
+class Resolver:
+    """Turns ``(caller, body)`` into a :class:`Route` from the cached registry view."""
+
+    def __init__(
+        self, tenancy: Tenancy, bases: Mapping[str, str], unidentified: Callable[[], bool]
+    ) -> None:
+        self.tenancy = tenancy
+        self.bases = bases
+        """Served name -> fingerprint of the bases engines serve (``Replicas.bases``, live)."""
+        self.unidentified = unidentified
+        """Whether some engine's base is not known yet (it has not answered since the
+        gateway started): any registered base may be the one it serves."""
+
+    async def resolve(self, caller: Caller, body: dict[str, Any]) -> Route:
+        model = body["model"]
+        try:
+            ref = router.parse_model_name(model, self.bases)
+        except router.InvalidModelName:
+            raise model_not_found(model) from None
+        if ref.kind is router.RefKind.BASE:
+            return Route(model, caller.tenant_name, self.bases[model], model)
+        if lora_names.in_namespace(ref.name):
+            raise model_not_found(model)  # engine-side names are never for clients
+        view = await self.tenancy.routing(caller.tenant_id, ref.name)
+        if view is None:
+            if ref.kind is router.RefKind.ADAPTER and await self._maybe_served(ref.name):
+                raise base_unreachable()
+            raise model_not_found(model)
+        user = body.get("user")
+        sticky = user if isinstance(user, str) and user else f"key:{caller.principal.key_id}"
+        try:
+            choice = router.choose_version(view, ref, sticky)
+        except router.NoServableVersion:
+            raise model_not_found(model) from None
+        chosen = choice.version
+        version = ServedVersion(ref.name, chosen.number, chosen.lora_name, choice.label)
+        return Route(model, caller.tenant_name, chosen.base_fingerprint, chosen.lora_name, version)
+
+    async def _maybe_served(self, name: str) -> bool:
+        return self.unidentified() and name in await self.tenancy.registered_base_names()
