@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import JSON, DateTime, Text, UniqueConstraint, delete, func
+from sqlalchemy import JSON, Text, UniqueConstraint, delete, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from registry import audit
@@ -40,19 +40,13 @@ from registry.captures import CaptureStore
 from registry.dataset_sources import CompletionFilter, Method, check_filter, made_from
 from registry.errors import Conflict, InvalidRequest, NotFound
 from registry.jobs import FineTuningJob, JobStore, TrainingFile
-from registry.models import Adapter, AdapterVersion, utcnow
+from registry.models import Adapter, AdapterVersion, timestamp_column, utcnow
 from registry.store import Store
 from registry.values import Actor
 
 SourceKind = Literal["file", "completion"]
 MAX_EXAMPLES = 1_000_000
 """Most examples one version may hold (a bound on one transaction's size)."""
-
-
-def _when(nullable: bool = False) -> Any:
-    if nullable:
-        return Field(default=None, sa_type=DateTime(timezone=True))
-    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class Dataset(SQLModel, table=True):
@@ -63,7 +57,7 @@ class Dataset(SQLModel, table=True):
     tenant_id: int = Field(foreign_key="tenants.id", index=True)
     name: str = Field(max_length=128)
     description: str = Field(default="", max_length=4096)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class DatasetExample(SQLModel, table=True):
@@ -75,7 +69,7 @@ class DatasetExample(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     content: str | None = Field(default=None, sa_type=Text)
     """The example's canonical JSON; None once erased."""
-    erased_at: dt.datetime | None = _when(nullable=True)
+    erased_at: dt.datetime | None = timestamp_column(nullable=True)
 
 
 class ExampleSource(SQLModel, table=True):
@@ -113,7 +107,7 @@ class DatasetVersion(SQLModel, table=True):
     audit: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     """The data audit's report on it (duplicates, leakage, lengths), when one ran."""
     created_by: str = Field(default="", max_length=256)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class VersionMember(SQLModel, table=True):

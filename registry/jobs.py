@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, text
+from sqlalchemy import JSON, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from registry import lifecycle
@@ -41,6 +41,7 @@ from registry.models import (
     AdapterVersion,
     EvalResult,
     PromotionGate,
+    timestamp_column,
     utcnow,
 )
 from registry.registry import Registry, Score, StagedVersion
@@ -56,12 +57,6 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 FINE_TUNE_PURPOSE = "fine-tune"
 
 
-def _when(nullable: bool = False) -> Any:
-    if nullable:
-        return Field(default=None, sa_type=DateTime(timezone=True))
-    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
-
-
 class TrainingFile(SQLModel, table=True):
     __tablename__ = "training_files"
 
@@ -73,8 +68,8 @@ class TrainingFile(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     line_count: int
     blob_key: str = Field(max_length=512)
-    created_at: dt.datetime = _when()
-    deleted_at: dt.datetime | None = _when(nullable=True)
+    created_at: dt.datetime = timestamp_column()
+    deleted_at: dt.datetime | None = timestamp_column(nullable=True)
     """Set when its owner deleted it: its bytes are gone, the row stays for the jobs and
     dataset versions that name it."""
 
@@ -108,12 +103,12 @@ class FineTuningJob(SQLModel, table=True):
     result: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     """Eval metrics and training summary, saved before registration so a re-run can reuse them."""
     worker_id: str | None = Field(default=None, max_length=128)
-    heartbeat_at: dt.datetime | None = _when(nullable=True)
+    heartbeat_at: dt.datetime | None = timestamp_column(nullable=True)
     attempts: int = 0
     error: dict[str, Any] | None = Field(default=None, sa_type=JSON)
-    created_at: dt.datetime = _when()
-    started_at: dt.datetime | None = _when(nullable=True)
-    finished_at: dt.datetime | None = _when(nullable=True)
+    created_at: dt.datetime = timestamp_column()
+    started_at: dt.datetime | None = timestamp_column(nullable=True)
+    finished_at: dt.datetime | None = timestamp_column(nullable=True)
 
 
 class FineTuningEvent(SQLModel, table=True):
@@ -124,7 +119,7 @@ class FineTuningEvent(SQLModel, table=True):
     level: str = Field(default="info", max_length=16)
     message: str = Field(max_length=4096)
     data: dict[str, Any] | None = Field(default=None, sa_type=JSON)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class FineTuningCheckpoint(SQLModel, table=True):
@@ -134,7 +129,7 @@ class FineTuningCheckpoint(SQLModel, table=True):
     job_id: str = Field(foreign_key="fine_tuning_jobs.id", index=True, max_length=40)
     step: int
     metrics: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 @dataclass(frozen=True)

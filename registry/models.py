@@ -27,8 +27,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _when() -> Any:
-    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+def timestamp_column(nullable: bool = False, index: bool = False) -> Any:
+    """A timezone-aware timestamp: now when the row is made, or NULL until set (``nullable``)."""
+    if nullable:
+        return Field(default=None, sa_type=DateTime(timezone=True), index=index)
+    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=index)
 
 
 class Tenant(SQLModel, table=True):
@@ -36,7 +39,7 @@ class Tenant(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, max_length=128)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
     # Limits are enforced by the gateway; None means unlimited.
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
@@ -54,7 +57,7 @@ class ApiKey(SQLModel, table=True):
     scope: str = Field(max_length=16)
     tenant_id: int | None = Field(default=None, foreign_key="tenants.id", index=True)
     name: str = Field(default="", max_length=128)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
     revoked_at: dt.datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
 
 
@@ -69,7 +72,7 @@ class BaseModelRecord(SQLModel, table=True):
     architecture: str = Field(default="", max_length=128)
     # module path -> [out_features, in_features] for every 2-D ``*.weight``.
     module_table: dict[str, list[int]] = Field(default_factory=dict, sa_type=JSON)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
     deprecated_at: dt.datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     deprecation_reason: str = Field(default="", max_length=1024)
 
@@ -82,7 +85,7 @@ class Adapter(SQLModel, table=True):
     tenant_id: int = Field(foreign_key="tenants.id", index=True)
     name: str = Field(max_length=128)
     description: str = Field(default="", max_length=4096)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class AdapterVersion(SQLModel, table=True):
@@ -113,7 +116,7 @@ class AdapterVersion(SQLModel, table=True):
     parent_version_id: int | None = Field(default=None, foreign_key="adapter_versions.id")
     training_job: str | None = Field(default=None, max_length=128)
     created_by: str = Field(default="", max_length=256)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class EvalResult(SQLModel, table=True):
@@ -127,7 +130,7 @@ class EvalResult(SQLModel, table=True):
     sample_count: int | None = None
     dataset_sha256: str | None = Field(default=None, max_length=64)
     created_by: str = Field(default="", max_length=256)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class PromotionGate(SQLModel, table=True):
@@ -153,7 +156,7 @@ class Alias(SQLModel, table=True):
     name: str = Field(max_length=64)
     version_id: int = Field(foreign_key="adapter_versions.id")
     weight: float = 1.0
-    updated_at: dt.datetime = _when()
+    updated_at: dt.datetime = timestamp_column()
 
 
 class AliasHistory(SQLModel, table=True):
@@ -169,7 +172,7 @@ class AliasHistory(SQLModel, table=True):
     previous_version_id: int | None = Field(default=None, foreign_key="adapter_versions.id")
     undone: bool = False
     actor: str = Field(default="", max_length=256)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class AuditEvent(SQLModel, table=True):
@@ -182,7 +185,7 @@ class AuditEvent(SQLModel, table=True):
     tenant_id: int | None = Field(default=None, index=True)
     before: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     after: dict[str, Any] | None = Field(default=None, sa_type=JSON)
-    created_at: dt.datetime = _when()
+    created_at: dt.datetime = timestamp_column()
 
 
 class Usage(SQLModel, table=True):

@@ -37,7 +37,14 @@ from registry.dataset_sources import CompletionFilter
 from registry.datasets import Dataset, DatasetStore, DatasetVersion
 from registry.errors import InvalidRequest, NotFound, RegistryError
 from registry.jobs import FineTuningJob, JobStore, new_id
-from registry.models import PRODUCTION, Adapter, AdapterVersion, BaseModelRecord, utcnow
+from registry.models import (
+    PRODUCTION,
+    Adapter,
+    AdapterVersion,
+    BaseModelRecord,
+    timestamp_column,
+    utcnow,
+)
 from registry.registry import Registry
 from registry.store import Store
 from registry.values import Actor, VersionBlob
@@ -53,12 +60,6 @@ MAX_AFTER_FEEDBACK = 10**9
 MAX_SEED = 2**31 - 1
 CLAIM_BATCH = 200
 """Policies one ``due`` call examines (the oldest-due first); the rest wait for the next."""
-
-
-def _when(nullable: bool = True) -> Any:
-    if nullable:
-        return Field(default=None, sa_type=DateTime(timezone=True))
-    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class RetrainingPolicy(SQLModel, table=True):
@@ -80,15 +81,15 @@ class RetrainingPolicy(SQLModel, table=True):
         default=None, sa_type=DateTime(timezone=True), index=True
     )
     """When the timed trigger fires next (None: no timed trigger)."""
-    last_run_at: dt.datetime | None = _when()
+    last_run_at: dt.datetime | None = timestamp_column(nullable=True)
     last_feedback_seq: int = 0
     """The newest feedback (``Feedback.seq``) the last run, or the policy's creation, saw."""
     last_job: str | None = Field(default=None, foreign_key="fine_tuning_jobs.id", max_length=40)
     last_dataset_version_id: int | None = Field(default=None, foreign_key="dataset_versions.id")
     """The dataset version the last queued job trains on."""
     last_outcome: str = Field(default="", max_length=1024)
-    created_at: dt.datetime = _when(nullable=False)
-    updated_at: dt.datetime = _when(nullable=False)
+    created_at: dt.datetime = timestamp_column()
+    updated_at: dt.datetime = timestamp_column()
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
 
-from sqlalchemy import DateTime
 from sqlmodel import Field, SQLModel, col, select
 
-from registry.models import utcnow
+from registry.models import timestamp_column, utcnow
 from registry.registry import Registry
 from registry.store import Store
 
@@ -25,16 +23,12 @@ GONE_AFTER = 60.0
 """Seconds without a presence write after which a worker counts as gone."""
 
 
-def _when() -> Any:
-    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
-
-
 class FineTuningWorker(SQLModel, table=True):
     __tablename__ = "fine_tuning_workers"
 
     worker_id: str = Field(primary_key=True, max_length=128)
     base_fingerprint: str = Field(max_length=64, index=True)
-    seen_at: dt.datetime = _when()
+    seen_at: dt.datetime = timestamp_column(index=True)
 
 
 class WorkerRoster(Store):
