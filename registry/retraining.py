@@ -498,8 +498,12 @@ class RetrainingStore(Store):
 
 
 def _summary(row: RetrainingPolicy) -> dict[str, Any]:
+    return {"dataset_id": row.dataset_id, **policy_settings(row)}
+
+
+def policy_settings(row: RetrainingPolicy) -> dict[str, Any]:
+    """A policy's triggers and job template, as the audit log, the API and the CLI show them."""
     return {
-        "dataset_id": row.dataset_id,
         "every_seconds": row.every_seconds,
         "after_feedback": row.after_feedback,
         "start_from": row.start_from,

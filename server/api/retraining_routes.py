@@ -22,7 +22,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from registry import Principal
-from registry.retraining import NamedPolicy, PolicySpec, RetrainingStore, RunOutcome
+from registry.retraining import (
+    NamedPolicy,
+    PolicySpec,
+    RetrainingStore,
+    RunOutcome,
+    policy_settings,
+)
 from server.api.auth import require_tenant
 from server.api.jobs_routes import Jobs, job_json
 from server.errors import APIError
@@ -67,14 +73,8 @@ def policy_json(policy: NamedPolicy) -> dict[str, Any]:
         "object": "fine_tuning.policy",
         "adapter": policy.adapter,
         "dataset": policy.dataset,
-        "every_seconds": row.every_seconds,
-        "after_feedback": row.after_feedback,
-        "start_from": row.start_from,
-        "method": row.method,
-        "seed": row.seed,
-        "hyperparameters": row.hyperparameters,
+        **policy_settings(row),
         "json_schema": row.json_schema,
-        "enabled": row.enabled,
         "next_run_at": _unix(row.next_run_at),
         "last_run_at": _unix(row.last_run_at),
         "last_job": row.last_job,

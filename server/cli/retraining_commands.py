@@ -15,7 +15,7 @@ from typing import Any
 
 from registry import Registry
 from registry.jobs import JobStore
-from registry.retraining import NamedPolicy, PolicySpec, RetrainingStore
+from registry.retraining import NamedPolicy, PolicySpec, RetrainingStore, policy_settings
 from server.cli.registry_commands import _command, _tenant_flag, _tenant_id, operator, print_table
 from server.cli.worker_commands import _parse_set
 
@@ -29,13 +29,7 @@ def _print(policy: NamedPolicy) -> None:
     shown = {
         "adapter": policy.adapter,
         "dataset": policy.dataset,
-        "every_seconds": row.every_seconds,
-        "after_feedback": row.after_feedback,
-        "start_from": row.start_from,
-        "method": row.method,
-        "seed": row.seed,
-        "hyperparameters": row.hyperparameters,
-        "enabled": row.enabled,
+        **policy_settings(row),
         "next_run_at": row.next_run_at.isoformat() if row.next_run_at else None,
         "last_run_at": row.last_run_at.isoformat() if row.last_run_at else None,
         "last_job": row.last_job,
