@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from registry.datasets import address
-from server.cli.main import main
+from tests.server.cli.harness import Cli
 
 
 def chat(question: str) -> dict[str, Any]:
@@ -19,26 +19,6 @@ def chat(question: str) -> dict[str, Any]:
             {"role": "assistant", "content": "ok"},
         ]
     }
-
-
-class Cli:
-    """Runs ``loraplex`` commands against one SQLite registry: (exit code, stdout, stderr)."""
-
-    def __init__(self, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.flags = ["--home", str(home), "--database-url", f"sqlite:///{home / 'r.db'}",
-                      "--blob-url", str(home / "blobs")]  # fmt: skip
-        self.capsys = capsys
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main([*argv, *self.flags])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *argv: str) -> str:
-        code, out, err = self(*argv)
-        assert code == 0, err
-        return out
 
 
 @pytest.fixture

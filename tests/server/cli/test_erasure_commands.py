@@ -10,7 +10,7 @@ import pytest
 from registry import Actor, LocalBlobStore, Registry
 from registry.datasets import DatasetStore, NewExample, VersionChange
 from registry.jobs import JobStore
-from tests.server.cli.test_registry_commands import Cli
+from tests.server.cli.harness import Cli
 
 EXAMPLE = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 

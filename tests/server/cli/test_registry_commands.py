@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from registry import LocalBlobStore, Registry
-from server.cli.main import main
 from tests.registry.registry_testdata import build_adapter, build_tiny_base
+from tests.server.cli.harness import Cli
 
 
 @pytest.fixture(scope="module")
@@ -16,32 +16,6 @@ def peft(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("peft")
     base = build_tiny_base(root / "tiny")
     return {"base": base, **{f"v{i}": build_adapter(base, root / f"v{i}", seed=i) for i in (1, 2)}}
-
-
-class Cli:
-    """Runs ``loraplex`` commands against one registry; returns (exit code, stdout, stderr)."""
-
-    def __init__(self, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.flags = [
-            "--home",
-            str(home),
-            "--database-url",
-            f"sqlite:///{home / 'r.db'}",
-            "--blob-url",
-            str(home / "blobs"),
-        ]
-        self.home, self.capsys = home, capsys
-
-    def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main([*argv, *self.flags])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *argv: str) -> str:
-        code, out, err = self(*argv)
-        assert code == 0, err
-        return out
 
 
 @pytest.fixture
