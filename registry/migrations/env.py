@@ -5,8 +5,10 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
+import registry.capability
 import registry.captures
 import registry.datasets
+import registry.drift
 import registry.erasures
 import registry.jobs
 import registry.models
