@@ -93,6 +93,8 @@ class FineTuningJob(SQLModel, table=True):
     suffix: str | None = Field(default=None, max_length=64)
     seed: int = 0
     json_schema: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    answer_regex: str | None = Field(default=None, max_length=1024)
+    """A regular expression the answers must match in full (scored as ``regex_match``)."""
     adapter_name: str = Field(max_length=128)
     """The adapter the result is registered under (and its ``fine_tuned_model``)."""
     fine_tuned_model: str | None = Field(default=None, max_length=128)

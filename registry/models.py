@@ -145,6 +145,8 @@ class PromotionGate(SQLModel, table=True):
     # Candidate may be at most this much worse than current production.
     max_regression: float | None = None
     higher_is_better: bool = True
+    # Candidate may be at most this much worse than the base alone's capability reference.
+    max_below_base: float | None = None
 
 
 class Alias(SQLModel, table=True):
