@@ -202,5 +202,14 @@ class Usage(SQLModel, table=True):
     version: int = 0
     day: dt.date
     requests: int = 0
+    """Every admitted request that ended: answered, refused by the engine or failed."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    errors: int = 0
+    """Requests that failed on the server's side (5xx, or a stream the engine broke off)."""
+    latency_seconds: float = 0.0
+    """Total time, first byte of the request to the answer's end, of the successful ones."""
+    latency_count: int = 0
+    """How many successful requests ``latency_seconds`` sums."""
+    latency_buckets: list[int] | None = Field(default=None, sa_type=JSON)
+    """Those requests counted per ``registry.latency.BOUNDS`` bucket (None: none yet)."""

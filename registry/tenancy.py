@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 from dataclasses import asdict, fields
+from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from registry import audit
+from registry import audit, latency
 from registry.errors import Conflict, InvalidLimits, InvalidRequest, NotFound
 from registry.keys import display_prefix, key_sha256, new_key
 from registry.models import ADMIN_SCOPE, TENANT_SCOPE, ApiKey, Tenant, Usage, utcnow
@@ -154,29 +155,37 @@ class TenancyMixin(Store):
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         day: dt.date | None = None,
+        errors: int = 0,
+        latency_seconds: float = 0.0,
+        latency_count: int = 0,
+        latency_buckets: list[int] | None = None,
     ) -> None:
-        """Add to a tenant's daily counters (base-model traffic: adapter "" and version 0)."""
-        values = {
-            "tenant_id": tenant_id,
-            "adapter": adapter,
-            "version": version,
-            "day": day or utcnow().date(),
+        """Add to a tenant's daily counters (base-model traffic: adapter "" and version 0).
+
+        ``latency_buckets`` (counts per ``registry.latency.BOUNDS`` bucket) are added to
+        the stored ones bucket by bucket.
+        """
+        key = {"tenant_id": tenant_id, "adapter": adapter, "version": version}
+        key["day"] = day or utcnow().date()
+        sums = {
             "requests": requests,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
+            "errors": errors,
+            "latency_seconds": latency_seconds,
+            "latency_count": latency_count,
         }
         insert = pg_insert if self.database.dialect.name == "postgresql" else sqlite_insert
         table = Usage.__table__  # type: ignore[attr-defined]
-        stmt = insert(table).values(**values)
+        stmt = insert(table).values(**key, **sums)
         stmt = stmt.on_conflict_do_update(
-            index_elements=["tenant_id", "adapter", "version", "day"],
-            set_={
-                k: table.c[k] + stmt.excluded[k]
-                for k in ("requests", "prompt_tokens", "completion_tokens")
-            },
+            index_elements=list(key),
+            set_={k: table.c[k] + stmt.excluded[k] for k in sums},
         )
         with self._write() as s:
             s.execute(stmt)
+            if latency_buckets:
+                _add_buckets(s, key, latency_buckets)
 
     def usage(self, tenant_id: int, since: dt.date | None = None) -> list[Usage]:
         with self._read() as s:
@@ -184,6 +193,18 @@ class TenancyMixin(Store):
             if since is not None:
                 query = query.where(Usage.day >= since)
             return list(s.exec(query.order_by(col(Usage.day), col(Usage.adapter))).all())
+
+
+def _add_buckets(s: Session, key: dict[str, Any], buckets: list[int]) -> None:
+    """Add ``buckets`` to the usage row ``key`` names, in the transaction that upserted it.
+
+    JSON lists cannot be summed in portable SQL, so this reads and writes them; the upsert
+    before it holds the row's lock (PostgreSQL) or the database's (SQLite) until commit,
+    so no other gateway's flush comes between the read and the write.
+    """
+    row = s.exec(select(Usage).filter_by(**key)).one()
+    row.latency_buckets = latency.added([row.latency_buckets, buckets])
+    s.add(row)
 
 
 def _check_limits(limits: TenantLimits) -> None:

@@ -26,6 +26,8 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 _ROUTE_LABELS = {CHAT: "chat_completions", COMPLETIONS: "completions"}
 _STATUS_LABELS = {200: "200"}
+CLIENT_GONE = "client_disconnected"
+"""``Outcome.error`` of a request whose client disconnected (``proxy``, ``fair_queue``)."""
 
 Admitted = router.Admission | SharedAdmission
 """An admitted request: counted in this gateway's memory, or in Redis with every gateway's."""
@@ -42,6 +44,20 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     prompt = body.get("messages", body.get("prompt", ""))
     text = prompt if isinstance(prompt, str) else orjson.dumps(prompt)
     return math.ceil(len(text) / CHARS_PER_TOKEN_ESTIMATE)
+
+
+def failed(outcome: Outcome) -> bool:
+    """Whether a request counts as an error of what served it, in the usage book.
+
+    A 5xx (the engine's, or the gateway's: no replica, queue full, timeout) and a stream
+    the engine broke off count. A 4xx does not, the engine's included: it refuses the
+    client's request (a prompt over the context, a bad parameter), which says nothing
+    about the version, and counting it would let one client's bad requests fail a gate.
+    Nor does a client that went away.
+    """
+    if outcome.error == CLIENT_GONE:
+        return False
+    return outcome.status >= 500 or (outcome.status < 400 and bool(outcome.error))
 
 
 class Accounting:
@@ -107,14 +123,16 @@ class Accounting:
             self.shared.settle(admission, used)
         else:
             self.limiter.settle(admission, used, time.monotonic())
-        if usage is not None:
-            self.usage.add(
-                caller.tenant_id,
-                route.adapter_label,
-                route.version.number if route.version else 0,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            )
+        end = outcome.finished_at or time.perf_counter()
+        self.usage.add(
+            caller.tenant_id,
+            route.adapter_label,
+            route.version.number if route.version else 0,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            error=failed(outcome),
+            seconds=end - started if outcome.status == 200 and not outcome.error else None,
+        )
         self.record(path, route, outcome, started)
 
     def record(self, path: str, route: Route, outcome: Outcome, started: float) -> None:

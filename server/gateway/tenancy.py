@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar
 
 import router
-from registry import Principal, Registry
+from registry import Principal, Registry, latency
 from server.errors import APIError, bearer_token, incorrect_api_key
 
 log = logging.getLogger("loraplex.tenancy")
@@ -259,25 +259,63 @@ UsageKey = tuple[int, str, int]
 """(tenant id, adapter name, version number) of a usage counter."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Counts:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    errors: int = 0
+    latency_seconds: float = 0.0
+    latency_count: int = 0
+    latency_buckets: list[int] | None = None
+
+    def merge(self, other: _Counts) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.errors += other.errors
+        self.latency_seconds += other.latency_seconds
+        self.latency_count += other.latency_count
+        if other.latency_buckets is not None:
+            self.latency_buckets = latency.added([self.latency_buckets, other.latency_buckets])
 
 
 class UsageBook:
-    """Token usage per (tenant, adapter, version), flushed to the registry once a second."""
+    """Per (tenant, adapter, version): requests, tokens, errors and latency, flushed to the
+    registry once a second.
+
+    Every admitted request is added once, when it ends, whether or not it has usage; the
+    hot path only adds to counters in memory.
+    """
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._pending: defaultdict[UsageKey, _Counts] = defaultdict(_Counts)
 
-    def add(self, tenant_id: int, adapter: str, version: int, prompt: int, completion: int) -> None:
+    def add(
+        self,
+        tenant_id: int,
+        adapter: str,
+        version: int,
+        prompt: int,
+        completion: int,
+        *,
+        error: bool = False,
+        seconds: float | None = None,
+    ) -> None:
+        """One request: its tokens, whether it failed, and (a success) its latency."""
         counts = self._pending[(tenant_id, adapter, version)]
         counts.requests += 1
         counts.prompt_tokens += prompt
         counts.completion_tokens += completion
+        if error:
+            counts.errors += 1
+        if seconds is not None:
+            counts.latency_seconds += seconds
+            counts.latency_count += 1
+            if counts.latency_buckets is None:
+                counts.latency_buckets = [0] * latency.SIZE
+            counts.latency_buckets[latency.bucket(seconds)] += 1
 
     async def flush(self) -> None:
         """Write the pending counts; whatever fails to write is kept for the next flush."""
@@ -287,10 +325,7 @@ class UsageBook:
             # the event loop for the GIL.
             failed = await asyncio.to_thread(self._write, pending)
             for key, counts in failed.items():
-                kept = self._pending[key]
-                kept.requests += counts.requests
-                kept.prompt_tokens += counts.prompt_tokens
-                kept.completion_tokens += counts.completion_tokens
+                self._pending[key].merge(counts)
 
     def _write(self, pending: dict[UsageKey, _Counts]) -> dict[UsageKey, _Counts]:
         failed = {}
@@ -304,6 +339,10 @@ class UsageBook:
                     requests=counts.requests,
                     prompt_tokens=counts.prompt_tokens,
                     completion_tokens=counts.completion_tokens,
+                    errors=counts.errors,
+                    latency_seconds=counts.latency_seconds,
+                    latency_count=counts.latency_count,
+                    latency_buckets=counts.latency_buckets,
                 )
             except Exception:
                 # Keep the counts for the next flush rather than lose billable usage.
