@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from registry import DATABASE_DOWN, PRODUCTION, NotFound, Provenance, Registry
+from registry.drift import DriftStore, PromptSketch, prompts_of, sketch_prompts
 from registry.jobs import FineTuningJob, JobStore, TrainedVersion
 from registry.registry import Score
 from registry.retraining import RetrainingStore, init_version
 from registry.workers import WorkerRoster
 from training.auto import Picked
 from training.config import ConfigError, TrainConfig
-from training.data import DatasetError, Method
+from training.data import DatasetError, Example, Method
 from training.evaluate import CANDIDATE
 from training.hyperparameters import auto_of, train_config
 from training.pipeline import Prepared, RunOutcome, RunSpec, library_versions, run_training
@@ -91,6 +92,7 @@ class Worker:
         self.roster = WorkerRoster(self.registry)
         """Where this worker says it is alive, so a job for its base does not say it waits."""
         self.retraining = RetrainingStore(store)
+        self.drift = DriftStore(self.registry)
         self._next_retrain = 0.0
 
     def run(self, stop: threading.Event) -> None:
@@ -227,7 +229,25 @@ class Worker:
         model = self.store.complete(job.id, self.worker_id, trained)
         if model is None:
             raise JobLost(job.id)
+        self._set_reference(job, trained, reference_sketch(outcome.prepared.splits))
         log.info("job %s succeeded: %s", job.id, model)
+
+    def _set_reference(
+        self, job: FineTuningJob, trained: TrainedVersion, sketch: PromptSketch
+    ) -> None:
+        """Make the training prompts' sketch the version's drift reference.
+
+        After the job's transaction (``JobStore.complete``), not in it: a worker dying in
+        between leaves the version without one, so its drift is unknown, as it is for a
+        version pushed without training data."""
+        fingerprint = trained.staged.columns["fingerprint"]
+        try:
+            versions = self.registry.list_versions(job.tenant_id, job.adapter_name)
+            version = next(v for v in versions if v.fingerprint == fingerprint)
+            assert version.id is not None
+            self.drift.set_reference(version.id, sketch)
+        except Exception:  # the job succeeded; only its drift reference is lost
+            log.exception("job %s: the version's drift reference was not stored", job.id)
 
     def _trained(
         self, job: FineTuningJob, outcome: RunOutcome, config: TrainConfig, parent: int | None
@@ -334,6 +354,12 @@ class _Init:
     adapter: str
     number: int
     path: Path
+
+
+def reference_sketch(splits: dict[str, list[Example]]) -> PromptSketch:
+    """The sketch of the prompts of every example the job was given (all its splits)."""
+    examples = [example for split in splits.values() for example in split]
+    return sketch_prompts(text for e in examples for text in prompts_of(dict(e.data)))
 
 
 def _scores(result: dict[str, Any]) -> list[Score]:
