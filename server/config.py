@@ -195,6 +195,16 @@ class Settings:
     with ``Retry-After``: 429 if it waited behind its own tenant's requests, 503 if behind
     everyone's."""
 
+    drift_threshold: float = 0.35
+    """Drift score past which an adapter's prompts count as drifted: the audit log records
+    ``adapter.drift`` once per crossing (``adapter.drift_cleared`` back under it). The score
+    (``loraplex_adapter_drift``) runs from 0, prompts of the last 7 days like the production
+    version's training prompts, to 1, nothing alike."""
+
+    drift_interval: float = 15.0
+    """Seconds between the gateway's flushes of the prompts it routed to adapters into their
+    live drift sketches, each followed by a check of their drift."""
+
     log_level: str = "info"
     """Log level: debug, info, warning or error."""
 
@@ -268,8 +278,10 @@ class Settings:
             "upstream_connect_timeout",
             "redis_timeout",
             "fair_queue_timeout",
+            "drift_interval",
         ):
             check(getattr(self, name) > 0, name, "must be positive")
+        check(0.0 <= self.drift_threshold <= 1.0, "drift_threshold", "must be in [0, 1]")
         for name in (
             "engine_kv_cache_bytes",
             "engine_step_tokens",

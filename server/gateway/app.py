@@ -26,6 +26,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 import router
 from registry import Registry
 from registry.captures import CaptureStore
+from registry.drift import DriftStore
 from server.config import Settings
 from server.errors import APIError, install_api_error_handler, unhandled_response
 from server.gateway import loops, openai_routes, ops_routes
@@ -33,6 +34,7 @@ from server.gateway.accounting import Accounting
 from server.gateway.bases import Identifier
 from server.gateway.capture import Capture
 from server.gateway.discovery import Discovery
+from server.gateway.drift import DriftBook
 from server.gateway.engines import EngineSupervisor
 from server.gateway.forwarding import Forwarder
 from server.gateway.inference import Inference
@@ -97,6 +99,7 @@ def create_gateway(
     limiter = router.Limiter()
     shared = SharedLimiter.from_settings(settings, limiter, metrics.limit_store_errors)
     capture = Capture(CaptureStore(registry), metrics)
+    drift = DriftBook(DriftStore(registry), metrics, settings.drift_threshold)
     inference = Inference(
         tenancy,
         Resolver(tenancy, replicas.bases, replicas.unidentified),
@@ -106,6 +109,7 @@ def create_gateway(
         settings.max_request_bytes,
         settings.max_tokens_limit,
         capture,
+        drift,
     )
 
     @contextlib.asynccontextmanager
@@ -115,6 +119,7 @@ def create_gateway(
             if shared is not None:
                 jobs.append(shared.renew_leases())
             jobs += [usage.run(), capture.run(), capture.purge_expired()]
+            jobs.append(drift.run(settings.drift_interval))
             tasks = [asyncio.create_task(job) for job in jobs]
             _freeze_startup_heap()
             try:
@@ -122,6 +127,7 @@ def create_gateway(
             finally:
                 await usage.flush()
                 await capture.flush()
+                await drift.flush()
                 await asyncio.gather(*(s.stop() for s in supervisors))
                 for task in tasks:
                     task.cancel()
@@ -135,6 +141,7 @@ def create_gateway(
     ops_routes.add(app, replicas, metrics, settings.metrics_token)
     app.state.registry = registry
     app.state.capture_store = capture.store
+    app.state.drift_threshold = settings.drift_threshold
     app.state.lifecycle_hooks = WarmupHooks(registry, replicas, forwarder)
     return app
 

@@ -28,6 +28,7 @@ from server.errors import APIError, unhandled
 from server.gateway import proxy
 from server.gateway.accounting import Accounting
 from server.gateway.capture import Capture
+from server.gateway.drift import DriftBook
 from server.gateway.forwarding import Forwarder
 from server.gateway.replicas import Engine, Replicas
 from server.gateway.resolution import NO_ENGINE, Resolver, Route
@@ -52,6 +53,8 @@ class Inference:
     """Largest ``max_tokens`` accepted (400 above it)."""
     capture: Capture
     """Which chat completions are stored, after their answers (``capture.Capture``)."""
+    drift: DriftBook
+    """Where the prompts routed to adapters are kept for their drift sketches."""
 
     async def serve(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry of an inference route: the answer, or the error in OpenAI's shape.
@@ -78,6 +81,7 @@ class Inference:
         limits = await self.tenancy.limits(caller.tenant_id)
         capture = await self.capture.begin(path, caller, route, body, declared)
         admission = await self.accounting.admit(caller, limits, body)
+        self.drift.offer(caller.tenant_id, route, body)
 
         outcome = proxy.Outcome()
         outcome.on_finish.append(
