@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from registry import Registry
 from server.api.completions_routes import routes as completions_router
 from server.api.datasets_routes import routes as datasets_router
+from server.api.drift_routes import routes as drift_router
 from server.api.erasure_routes import routes as erasure_router
 from server.api.jobs_routes import routes as jobs_router
 from server.api.registry_routes import routes as registry_router
@@ -35,4 +36,5 @@ def create_app(
     app.include_router(completions_router)
     app.include_router(erasure_router)
     app.include_router(datasets_router)
+    app.include_router(drift_router)
     return app
