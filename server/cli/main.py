@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server.cli import dataset_commands as dataset_cli
+from server.cli import drift_commands as drift_cli
 from server.cli import erasure_commands as erasure_cli
 from server.cli import registry_commands as registry_cli
 from server.cli import retraining_commands as retraining_cli
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     registry_cli.add_commands(sub)
+    drift_cli.add_commands(sub)
     worker_cli.add_commands(sub)
     retraining_cli.add_commands(sub)
     erasure_cli.add_commands(sub)
