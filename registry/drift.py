@@ -57,8 +57,9 @@ DRIFT = "adapter.drift"
 DRIFT_CLEARED = "adapter.drift_cleared"
 
 
-class InvalidSketch(InvalidRequest):
-    """A sketch's JSON does not have the buckets this module makes."""
+class InvalidSketch(ValueError):
+    """A stored sketch's JSON does not have the buckets this module makes (a fault of the
+    database's contents, not of any request)."""
 
 
 @dataclass(frozen=True)
