@@ -1,14 +1,20 @@
-"""Evaluation on the held-out test split: loss, exact match, JSON-schema compliance.
+"""Evaluation on the held-out test split: loss, exact match, JSON-schema compliance, regex
+match; and on the base's capability suites (``registry.capability``): loss, exact match.
 
 The new adapter, the bare base model and (when there is one) the adapter's current
 production version are scored on the same examples with the same greedy decoding, so
 the stored numbers compare like with like. All three share one loaded base: the base is
-the PEFT model with its adapters disabled, the others are named adapters on it.
+the PEFT model with its adapters disabled, the others are named adapters on it. A
+capability suite is scored by the same loaded models (``Evaluator.on``), the candidate
+always and the base when its reference is still to be measured, with a fixed token budget
+(``CAPABILITY_MAX_LENGTH``) whatever the job's, so a reference and every later
+candidate's score are measured alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +28,7 @@ from training.data import Example
 from training.losses import collate, mean_answer_loss
 from training.recipe import load_base
 from training.render import Turn, final_turn, tokenize_text, tokenize_turn
-from training.schema import is_compliant
+from training.schema import check_regex, is_compliant, matches_regex
 
 CANDIDATE = "candidate"
 BASE = "base"
@@ -31,6 +37,8 @@ INCUMBENT = "production"
 MAX_NEW_TOKENS = 256
 """Upper bound on generated tokens per test prompt (answers longer than this can't match)."""
 GENERATION_BATCH = 16
+CAPABILITY_MAX_LENGTH = 1024
+"""Tokens per capability example (for its loss): fixed, so every job measures it alike."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,9 @@ class EvalMetrics:
     format_compliance: float | None
     """Share of greedy answers that are JSON valid under the job's schema (None: no schema)."""
     samples: int
+    regex_match: float | None = None
+    """Share of greedy answers (whitespace-trimmed) that match the job's ``answer_regex`` in
+    full (None: no regex)."""
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if k != "samples" and v is not None}
@@ -58,6 +69,7 @@ class Evaluator:
         examples: Sequence[Example],
         max_length: int = 1024,
         schema: dict[str, Any] | None = None,
+        regex: str | None = None,
     ) -> None:
         self.tokenizer, base, self.device = load_base(Path(base_dir))
         self.base = base
@@ -65,6 +77,14 @@ class Evaluator:
         self.turns = [final_turn(self.tokenizer, e) for e in examples]
         self.max_length = max_length
         self.schema = schema
+        self.regex = None if regex is None else check_regex(regex)
+
+    def on(self, examples: Sequence[Example], max_length: int) -> Evaluator:
+        """These loaded models on other examples, scored by loss and exact match only."""
+        view = copy.copy(self)
+        view.turns = [final_turn(self.tokenizer, e) for e in examples]
+        view.max_length, view.schema, view.regex = max_length, None, None
+        return view
 
     def add_adapter(self, name: str, adapter_dir: Path) -> None:
         """Load an adapter (candidate or production) onto the shared base."""
@@ -103,7 +123,13 @@ class Evaluator:
         if self.schema is not None:
             compliant = [is_compliant(a, self.schema) for a in answers]
             compliance = sum(compliant) / max(1, len(compliant))
-        return EvalMetrics(loss, sum(exact) / max(1, len(exact)), compliance, len(self.turns))
+        matched = None
+        if self.regex is not None:
+            regex = self.regex
+            matched = sum(matches_regex(a, regex) for a in answers) / max(1, len(answers))
+        return EvalMetrics(
+            loss, sum(exact) / max(1, len(exact)), compliance, len(self.turns), matched
+        )
 
     def _loss(self, model: torch.nn.Module) -> float:
         items = [tokenize_turn(self.tokenizer, t, self.max_length) for t in self.turns]
@@ -157,6 +183,26 @@ def decode_answers(tokenizer: PreTrainedTokenizerBase, generated: torch.Tensor) 
     return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in generated.tolist()]
 
 
+@dataclass(frozen=True)
+class SuiteRun:
+    """A capability suite of the base to score beside the test split."""
+
+    name: str
+    examples: Sequence[Example]
+    with_base: bool
+    """Score the base too: its reference on the suite is still to be measured."""
+
+
+@dataclass
+class Comparison:
+    """What ``compare_on_test`` measured."""
+
+    test: dict[str, EvalMetrics]
+    """``candidate``, ``base`` and maybe ``production`` on the test split (empty: none)."""
+    suites: dict[str, dict[str, EvalMetrics]]
+    """Per capability suite: ``candidate``, and ``base`` where it was to be measured."""
+
+
 def compare_on_test(
     base_dir: Path,
     examples: Sequence[Example],
@@ -164,12 +210,21 @@ def compare_on_test(
     production_dir: Path | None = None,
     schema: dict[str, Any] | None = None,
     max_length: int = 1024,
-) -> dict[str, EvalMetrics]:
-    """Metrics of the candidate, the base and (if given) the production version."""
-    evaluator = Evaluator(base_dir, examples, max_length, schema)
+    regex: str | None = None,
+    suites: Sequence[SuiteRun] = (),
+) -> Comparison:
+    """Metrics of the candidate, the base and (if given) the production version on the
+    test split, and of the candidate (and the base, where asked) on each capability suite."""
+    evaluator = Evaluator(base_dir, examples, max_length, schema, regex)
     evaluator.add_adapter(CANDIDATE, candidate_dir)
     names = [CANDIDATE, BASE]
     if production_dir is not None:
         evaluator.add_adapter(INCUMBENT, production_dir)
         names.append(INCUMBENT)
-    return {name: evaluator.score(name) for name in names}
+    test = {name: evaluator.score(name) for name in names} if examples else {}
+    scored = {}
+    for suite in suites:
+        view = evaluator.on(suite.examples, CAPABILITY_MAX_LENGTH)
+        models = [CANDIDATE, BASE] if suite.with_base else [CANDIDATE]
+        scored[suite.name] = {name: view.score(name) for name in models}
+    return Comparison(test, scored)

@@ -29,9 +29,9 @@ from training.data import (
     split_examples,
 )
 from training.data_checks import DataReport, check_data, refuse_untrainable
-from training.evaluate import EvalMetrics, compare_on_test
+from training.evaluate import EvalMetrics, SuiteRun, compare_on_test
 from training.recipe import LoRARecipe, StepReport, TrainResult
-from training.schema import check_schema
+from training.schema import check_regex, check_schema
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class RunSpec:
     """A separate validation file; without one, validation is split off the training file."""
     schema: dict[str, Any] | None = None
     """JSON schema the answers must follow (scored as format compliance)."""
+    answer_regex: str | None = None
+    """Regular expression the answers must match in full (scored as ``regex_match``)."""
+    suites: Sequence[SuiteRun] = ()
+    """The base's capability suites to score the trained adapter on (``training.capability``)."""
     production_dir: Path | None = None
     """The adapter's current production version, to compare against."""
     auto: Auto | None = None
@@ -77,6 +81,8 @@ class RunOutcome:
     """The config trained with, and how its ``auto`` values were picked."""
     metrics: dict[str, EvalMetrics] = field(default_factory=dict)
     """``candidate``, ``base`` and maybe ``production`` scores on the test split."""
+    suites: dict[str, dict[str, EvalMetrics]] = field(default_factory=dict)
+    """Per capability suite: ``candidate``, and ``base`` where it was to be measured."""
 
 
 def library_versions() -> dict[str, str]:
@@ -97,6 +103,8 @@ def prepare(spec: RunSpec) -> Prepared:
     method = spec.config.method
     if spec.schema is not None:
         check_schema(spec.schema)
+    if spec.answer_regex is not None:
+        check_regex(spec.answer_regex)
     examples = load_jsonl(spec.training, "the training file")
     check_method(examples, method, "the training file")
     held_out = spec.config.validation_fraction if spec.validation is None else 0.0
@@ -137,13 +145,16 @@ def run_training(
     adapter_dir = recipe.save(out_dir)
     del recipe  # frees the training copy of the base before evaluation loads one
     outcome = RunOutcome(adapter_dir, prepared, result, choice)
-    if prepared.splits["test"]:
-        outcome.metrics = compare_on_test(
+    if prepared.splits["test"] or spec.suites:
+        compared = compare_on_test(
             spec.base_dir,
             prepared.splits["test"],
             adapter_dir,
             spec.production_dir,
             spec.schema,
             choice.config.max_length,
+            spec.answer_regex,
+            spec.suites,
         )
+        outcome.metrics, outcome.suites = compared.test, compared.suites
     return outcome

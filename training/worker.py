@@ -2,7 +2,9 @@
 
 With no promotion gates on the adapter, the version is promoted only when it beats the
 base and the production version on the job's held-out test split (``training.promotion``);
-otherwise the job still succeeds, as ``name@N``, and its events say why.
+otherwise the job still succeeds, as ``name@N``, and its events say why. When the base
+has capability suites, the version is scored on them too (``training.capability``), and
+gates with ``max_below_base`` hold it to the base's reference there.
 
 Everything the job leaves in the registry lands in one transaction
 (``JobStore.complete``): the version, its eval results, its promotion and the job's
@@ -24,16 +26,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from registry import DATABASE_DOWN, PRODUCTION, NotFound, Provenance, Registry
 from registry.drift import DriftStore, PromptSketch, prompts_of, sketch_prompts
-from registry.jobs import FineTuningJob, JobStore, TrainedVersion
+from registry.jobs import FineTuningJob, JobStore, TrainedVersion, job_actor
 from registry.registry import Score
 from registry.retraining import RetrainingStore, init_version
 from registry.workers import WorkerRoster
+from training import capability
 from training.auto import Picked
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, Example, Method
@@ -43,6 +46,7 @@ from training.pipeline import Prepared, RunOutcome, RunSpec, library_versions, r
 from training.promotion import exact_match_decides, verdict
 from training.recipe import StepReport, TrainingCancelled, init_overrides
 from training.render import TemplateError, reference_answer
+from training.schema import RegexError
 
 log = logging.getLogger("loraplex.worker")
 TEST_SUITE = "fine-tune-test"
@@ -157,6 +161,8 @@ class Worker:
             self.store.fail(job.id, self.worker_id, "invalid_training_file", str(exc))
         except ConfigError as exc:
             self.store.fail(job.id, self.worker_id, "invalid_hyperparameters", str(exc))
+        except RegexError as exc:  # refused at creation; only a job written directly has one
+            self.store.fail(job.id, self.worker_id, "invalid_answer_regex", str(exc))
         except Exception as exc:
             log.exception("job %s failed", job.id)
             self.store.fail(
@@ -201,6 +207,7 @@ class Worker:
         if init is not None:
             config = self._continued(job, config, init)
         production = self._production(job)
+        planned = capability.plan(self.registry, job.base_fingerprint)
         spec = RunSpec(
             base_dir=self.options.base_dir,
             training=self._training_content(job),
@@ -210,6 +217,8 @@ class Worker:
             production_dir=production[1] if production else None,
             auto=auto_of(job.hyperparameters) if self.options.choose_hyperparameters else None,
             init_dir=init.path if init is not None else None,
+            answer_regex=job.answer_regex,
+            suites=planned.runs(),
         )
         outcome = run_training(
             spec,
@@ -226,6 +235,7 @@ class Worker:
         if init is not None:
             parent = init.number if init.adapter == job.adapter_name else None
         trained = self._trained(job, outcome, outcome.choice.config, parent)
+        trained = self._with_capability(job, trained, planned, outcome)
         model = self.store.complete(job.id, self.worker_id, trained)
         if model is None:
             raise JobLost(job.id)
@@ -248,6 +258,25 @@ class Worker:
             self.drift.set_reference(version.id, sketch)
         except Exception:  # the job succeeded; only its drift reference is lost
             log.exception("job %s: the version's drift reference was not stored", job.id)
+
+    def _with_capability(
+        self,
+        job: FineTuningJob,
+        trained: TrainedVersion,
+        planned: capability.Plan,
+        outcome: RunOutcome,
+    ) -> TrainedVersion:
+        """``trained`` with its scores on the base's capability suites (and the base
+        references measured for them stored), and an event per suite."""
+        if not outcome.suites:
+            return trained
+        how = capability.details(job.id, library_versions())
+        recorded = capability.record(self.registry, planned, outcome.suites, job_actor(job.id), how)
+        for message, data in recorded.events:
+            self.store.add_event(job.id, message, data=data)
+        result = {**trained.result, "capability": recorded.result}
+        scores = [*trained.scores, *recorded.scores]
+        return replace(trained, result=result, scores=scores)
 
     def _trained(
         self, job: FineTuningJob, outcome: RunOutcome, config: TrainConfig, parent: int | None
