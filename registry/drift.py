@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import JSON, Date, DateTime, UniqueConstraint
+from sqlalchemy import JSON, Date, DateTime, UniqueConstraint, delete
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from registry import audit, lifecycle
@@ -382,6 +382,13 @@ class DriftStore(Store):
         for row in rows:
             total = merge(total, PromptSketch.from_json(row.sketch))
         return total
+
+    def purge(self, keep_days: int = MAX_DAYS) -> int:
+        """Delete live sketches of days no report can reach any more; how many."""
+        before = today() - dt.timedelta(days=keep_days - 1)  # a report's oldest day
+        with self._write() as s:
+            gone = s.execute(delete(DriftLive).where(col(DriftLive.day) < before))
+        return int(gone.rowcount)  # type: ignore[attr-defined]
 
     def report(
         self,

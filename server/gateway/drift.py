@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ MAX_PENDING = 4096
 """Prompts kept between two flushes, at most; more are dropped (and counted)."""
 MAX_PENDING_CHARS = 8 << 20
 """Characters kept between two flushes, at most."""
+PURGE_EVERY = 3600.0
+"""Seconds between deletions of live sketches older than any report reads."""
 ACTOR = Actor("gateway:drift")
 """Who the audit log says noticed a drift."""
 
@@ -147,10 +150,15 @@ class DriftBook:
             self.metrics.score.labels(tenant, adapter).set(report.score)
 
     async def run(self, interval: float) -> None:
-        """Flush every ``interval`` seconds, for the gateway's lifetime."""
+        """Flush every ``interval`` seconds, and purge old live sketches every
+        ``PURGE_EVERY``, for the gateway's lifetime."""
+        next_purge = 0.0
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.flush()
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_EVERY
+                    await asyncio.to_thread(self.store.purge)
             except Exception:  # this loop is every adapter's drift: it must not end
                 log.exception("drift flush failed; trying again in %.0f s", interval)

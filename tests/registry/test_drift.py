@@ -18,6 +18,7 @@ from registry.drift import (
     DRIFT_CLEARED,
     HASHED_CHARS,
     LENGTH_BUCKETS,
+    MAX_DAYS,
     NGRAM_BUCKETS,
     DriftStore,
     InvalidSketch,
@@ -180,6 +181,18 @@ def test_live_sketches_merge_per_day_and_reports_cover_the_window(
         store.report(tid, "bot", days=0)
     with pytest.raises(InvalidRequest):
         store.report(tid, "bot", threshold=1.5)
+
+
+def test_purge_deletes_only_days_no_report_reaches(
+    store: DriftStore, tenant: Tenant, trained: AdapterVersion
+) -> None:
+    tid = _id(tenant)
+    for age in (0, 5, 90, 91, 400):
+        day = today() - dt.timedelta(days=age)
+        store.add_live(tid, "bot", sketch_prompts(on_topic(1, age)), day=day)
+    assert store.purge() == 3
+    assert store.live(tid, "bot", days=MAX_DAYS).prompts == 2
+    assert store.purge(keep_days=3) == 1 and store.live(tid, "bot", days=MAX_DAYS).prompts == 1
 
 
 def test_concurrent_writers_lose_no_prompts(
