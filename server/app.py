@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from registry import Registry
+from server.api.capability_routes import routes as capability_router
 from server.api.completions_routes import routes as completions_router
 from server.api.datasets_routes import routes as datasets_router
 from server.api.drift_routes import routes as drift_router
@@ -31,6 +32,7 @@ def create_app(
     """The whole gateway app: ``supervisors`` to run engines, or ``engines`` to use running ones."""
     app = create_gateway(settings, registry, engines, supervisors)
     app.include_router(registry_router)
+    app.include_router(capability_router)
     app.include_router(jobs_router)
     app.include_router(retraining_router)
     app.include_router(completions_router)

@@ -16,8 +16,9 @@ an unknown base. A ``training_file`` that is a dataset version's file records th
 
 Extensions beyond OpenAI's request body (send them with ``extra_body``): any
 ``TrainConfig`` field in ``hyperparameters`` (``r``, ``alpha``, ``learning_rate``...)
-and ``json_schema``, a JSON schema the answers must follow (scored as format
-compliance on the test split).
+``json_schema``, a JSON schema the answers must follow (scored as format
+compliance on the test split), and ``answer_regex``, a regular expression (at most 1024
+characters) the answers must match in full (scored as ``regex_match``).
 
 No ``from __future__ import annotations`` here: FastAPI must evaluate the
 dependency annotations of the route functions at definition time.
@@ -49,7 +50,7 @@ from server.errors import APIError, model_not_found
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, Method, check_method, load_jsonl
 from training.hyperparameters import train_config
-from training.schema import check_schema
+from training.schema import RegexError, check_regex, check_schema
 
 MAX_FILE_BYTES = 64 << 20
 """Default bound on an uploaded training file (``app.state.max_training_file_bytes``)."""
@@ -107,6 +108,7 @@ def job_json(job: FineTuningJob, registry: Registry | None = None) -> dict[str, 
     """The job in OpenAI's shape, with loraplex's fields (``adapter_name``, ``result``) and,
     given the registry, its lineage (``dataset_version``, ``init_version``, or None)."""
     shown = {**_openai_job(job), "adapter_name": job.adapter_name, "result": job.result}
+    shown["answer_regex"] = job.answer_regex
     if registry is not None:
         links = job_links(registry, job)
         dataset, init = links.dataset_version, links.init_version
@@ -253,6 +255,7 @@ class JobBody(BaseModel):
     suffix: str | None = None
     seed: int | None = None
     json_schema: dict[str, Any] | None = None
+    answer_regex: str | None = None
     metadata: dict[str, str] | None = None
 
 
@@ -309,6 +312,13 @@ def _check_options(body: JobBody, method: Method, hyperparameters: dict[str, Any
         except jsonschema.SchemaError as exc:
             raise APIError(
                 400, f"json_schema is not a valid JSON schema: {exc.message}", param="json_schema"
+            ) from exc
+    if body.answer_regex is not None:
+        try:
+            check_regex(body.answer_regex)
+        except RegexError as exc:
+            raise APIError(
+                400, str(exc), code="invalid_answer_regex", param="answer_regex"
             ) from exc
 
 
@@ -389,6 +399,7 @@ def create_job(
         suffix=body.suffix,
         seed=body.seed if body.seed is not None else 0,
         json_schema=body.json_schema,
+        answer_regex=body.answer_regex,
         adapter_name=_target_adapter(body, base, init, job_id),
         dataset_version_id=None if dataset is None else dataset.id,
         init_version_id=None if init is None else init.id,

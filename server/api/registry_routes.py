@@ -165,6 +165,9 @@ class GateBody(BaseModel):
     min_value: float | None = None
     max_regression: float | None = None
     higher_is_better: bool = True
+    max_below_base: float | None = None
+    """Capability suites (``capability:<name>``) only: how far below the base's reference
+    the candidate may fall."""
 
 
 class GatesBody(BaseModel):
