@@ -12,6 +12,7 @@ dependency annotations of the route closures at definition time.
 """
 
 import contextlib
+import datetime as dt
 import lzma
 import shutil
 import tarfile
@@ -23,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from registry import (
@@ -41,6 +42,8 @@ from registry import (
     TenantLimits,
     tenant_ref,
 )
+from registry.eval_history import eval_history
+from registry.online_metrics import record_online_metrics
 from server.api.auth import registry_of, require_admin, require_tenant
 from server.errors import APIError
 
@@ -327,6 +330,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., AdapterScope]) -> APIR
 
     _add_lifecycle_routes(adapter_routes, scope_dep)
     _add_quality_routes(adapter_routes, scope_dep)
+    _add_eval_history_routes(adapter_routes, scope_dep)
     return adapter_routes
 
 
@@ -416,6 +420,35 @@ def _add_quality_routes(adapter_routes: APIRouter, scope_dep: Callable[..., Adap
     def get_gates(scope: Acting, name: str) -> dict[str, Any]:
         gates = scope.registry.get_gates(scope.tenant_id, name)
         return _listing([asdict(g) for g in gates])
+
+
+UnixTime = Annotated[int | None, Query(ge=0, le=253402300799)]
+"""Unix seconds, up to 9999-12-31 (later ones do not fit a datetime)."""
+
+
+def _add_eval_history_routes(
+    adapter_routes: APIRouter, scope_dep: Callable[..., AdapterScope]
+) -> None:
+    """Eval results over versions, and online metrics recorded on demand."""
+    Acting = Annotated[AdapterScope, Depends(scope_dep)]
+
+    @adapter_routes.get("/{name}/evals", summary="Latest eval results of every version")
+    def eval_table(scope: Acting, name: str) -> dict[str, Any]:
+        history = eval_history(scope.registry, scope.tenant_id, name)
+        return _listing([v.to_json() for v in history])
+
+    @adapter_routes.post(
+        "/{name}/versions/{number}/evals/online",
+        summary="Record a version's online metrics (feedback, errors, latency) now",
+    )
+    def record_online(
+        scope: Acting, name: str, number: int, since: UnixTime = None
+    ) -> dict[str, Any]:
+        start = dt.datetime.fromtimestamp(since, dt.UTC) if since is not None else None
+        measured = record_online_metrics(
+            scope.registry, scope.tenant_id, name, number, scope.actor, since=start
+        )
+        return measured.to_json()
 
 
 CORRUPT_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError)
