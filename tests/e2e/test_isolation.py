@@ -36,6 +36,7 @@ from tests import reliability
 from tests.e2e.conftest import OPERATOR, TenantKeys, make_tenant
 from tests.e2e.probes import Probes
 from tests.e2e.serving import ServeProcess
+from tests.e2e.test_tenancy import peft_greedy
 from tests.registry.registry_testdata import build_adapter
 from tests.training.training_testdata import fixed_answer_records, jsonl
 
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.reliability
 
 UNKNOWN = "never-made-bot"
 """An adapter name no tenant has: foreign names must be answered exactly like it."""
+PROMPT, TWIN_TOKENS = "hi", 8
+"""The completions prompt of every probe, and how many tokens the twins answer with."""
 FORGED_HEADERS = ("x-tenant", "x-tenant-id", "x-loraplex-tenant", "openai-organization",
                   "openai-project", "x-forwarded-user")  # fmt: skip
 
@@ -57,6 +60,8 @@ class World:
     """The target's ``vault-bot`` v1 (production) and v2 (canary)."""
     twins: dict[str, AdapterVersion]
     """``twin`` v1 of each tenant, by tenant name; the target's also has a v2 canary."""
+    twin_answers: dict[str, str]
+    """What PEFT answers to ``PROMPT`` with each tenant's ``twin`` v1, by tenant name."""
     target_file: str
     target_job: str
     target_completion: str
@@ -80,8 +85,15 @@ def world(
 
     own = push(prober, "desk-bot", 41)
     foreign = [push(target, "vault-bot", 42), push(target, "vault-bot", 43)]
-    twins = {prober.name: push(prober, "twin", 44), target.name: push(target, "twin", 45)}
-    canary_twin = push(target, "twin", 46)
+    twins = {prober.name: push(prober, "twin", 44), target.name: push(target, "twin", 46)}
+    canary_twin = push(target, "twin", 45)
+    twin_answers = {
+        name: peft_greedy(demo_base, root / f"{name}-twin-{seed}", PROMPT, TWIN_TOKENS)
+        for name, seed in ((prober.name, 44), (target.name, 46))
+    }
+    # Two seeds can give the same few greedy tokens on a small base: the test below could
+    # then not tell the tenants' adapters apart, so the fixture refuses such a pair.
+    assert len(set(twin_answers.values())) == 2, f"pick other twin seeds: {twin_answers}"
     for tenant, name in [(prober, "desk-bot"), (target, "vault-bot"), (prober, "twin"),
                          (target, "twin")]:  # fmt: skip
         registry.promote(tenant.tenant_id, name, 1, OPERATOR)
@@ -95,7 +107,9 @@ def world(
     CaptureStore(registry).set_settings(target.tenant_id, CaptureSettings(enabled=True), OPERATOR)
     time.sleep(1.0)  # past the gateway's registry cache
     completion_id = _target_completion(gateway, target, registry)
-    return World(prober, target, own, foreign, twins, file_id, job_id, completion_id, admin_key)
+    return World(
+        prober, target, own, foreign, twins, twin_answers, file_id, job_id, completion_id, admin_key
+    )
 
 
 def _target_job(gateway: ServeProcess, target: TenantKeys, base_name: str) -> tuple[str, str]:
@@ -177,7 +191,7 @@ def _post_model(
     if path.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": "hi"}]
     else:
-        body["prompt"] = "hi"
+        body["prompt"] = PROMPT
     return http.post(path, json=body, headers=_auth(key))
 
 
@@ -205,7 +219,7 @@ def test_a_name_both_tenants_use_serves_each_its_own(world: World, http: httpx.C
     texts = {}
     for tenant in (world.prober, world.target):
         pinned = _post_model(
-            http, tenant.key, "/v1/completions", "twin@1", temperature=0, max_tokens=8
+            http, tenant.key, "/v1/completions", "twin@1", temperature=0, max_tokens=TWIN_TOKENS
         )
         texts[tenant.name] = pinned.json()["choices"][0]["text"]
         for _ in range(4):  # the target's canary split never sends the prober to its v2
@@ -214,7 +228,7 @@ def test_a_name_both_tenants_use_serves_each_its_own(world: World, http: httpx.C
             if tenant is world.prober:
                 route = reply.headers.get("x-loraplex-route")
                 probes.check(route == "production", f"prober's twin went to {route}")
-    probes.check(texts[world.prober.name] != texts[world.target.name], f"same text: {texts}")
+    probes.check(texts == world.twin_answers, f"served {texts}, PEFT {world.twin_answers}")
     _finish("one adapter name in two tenants", probes)
 
 
