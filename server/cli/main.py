@@ -17,6 +17,7 @@ from pathlib import Path
 from server.cli import dataset_commands as dataset_cli
 from server.cli import drift_commands as drift_cli
 from server.cli import erasure_commands as erasure_cli
+from server.cli import eval_commands as eval_cli
 from server.cli import registry_commands as registry_cli
 from server.cli import retraining_commands as retraining_cli
 from server.cli import worker_commands as worker_cli
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry_cli.add_commands(sub)
     drift_cli.add_commands(sub)
+    eval_cli.add_commands(sub)
     worker_cli.add_commands(sub)
     retraining_cli.add_commands(sub)
     erasure_cli.add_commands(sub)
