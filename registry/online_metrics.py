@@ -13,8 +13,9 @@ them unchanged, e.g. ``online/error_rate`` with a maximum (``higher_is_better`` 
 or ``online/thumbs_up_share`` with a minimum. A metric with no samples is not written:
 a gate on it fails with "no eval result" until there are some.
 
-The window starts when the version was made, unless ``since`` is given. Usage is kept
-per UTC day, so the usage part of a window starts at the beginning of its first day.
+The window is the version's whole life unless ``since`` is given (adapters are never
+deleted, so (tenant, adapter, version) names one version's traffic forever). Usage is
+kept per UTC day, so the usage part of a window starts at the beginning of its first day.
 A foreign adapter is answered exactly like an unknown one (``NotFound``).
 """
 
@@ -51,8 +52,8 @@ class OnlineMetrics:
     adapter: str
     version: int
     version_id: int
-    since: dt.datetime
-    """Where the window starts (the version's creation unless asked otherwise)."""
+    since: dt.datetime | None
+    """Where the window starts (None: the version's whole life)."""
     scores: tuple[Score, ...]
     """One per metric that had samples, in suite ``online``."""
 
@@ -61,7 +62,7 @@ class OnlineMetrics:
             "object": "adapter.online_metrics",
             "adapter": self.adapter,
             "version": self.version,
-            "since": self.since.isoformat(),
+            "since": self.since.isoformat() if self.since else None,
             "metrics": {s.metric: {"value": s.value, "sample_count": s.sample_count}
                         for s in self.scores},
         }  # fmt: skip
@@ -85,13 +86,12 @@ def online_metrics(
     version: int,
     since: dt.datetime | None = None,
 ) -> OnlineMetrics:
-    """The version's online metrics from ``since`` (default: its creation) until now."""
+    """The version's online metrics from ``since`` (default: its whole life) until now."""
     row = registry.get_version(tenant_id, adapter, version)
     assert row.id is not None  # a stored row always has its primary key
-    start = since or row.created_at
     with registry._read() as s:
-        traffic = _traffic(s, tenant_id, adapter, version, start.date())
-    up, rated = _ratings(CaptureStore(registry), tenant_id, adapter, version, start)
+        traffic = _traffic(s, tenant_id, adapter, version, since.date() if since else None)
+    up, rated = _ratings(CaptureStore(registry), tenant_id, adapter, version, since)
     p95 = latency.quantile(traffic.buckets, 0.95)
     measured = [
         (THUMBS_UP_SHARE, up / rated if rated else None, rated),
@@ -106,7 +106,7 @@ def online_metrics(
         for metric, value, count in measured
         if value is not None and count
     )
-    return OnlineMetrics(adapter, version, row.id, start, scores)
+    return OnlineMetrics(adapter, version, row.id, since, scores)
 
 
 def record_online_metrics(
@@ -129,12 +129,14 @@ def record_online_metrics(
     return measured
 
 
-def _traffic(s: Session, tenant_id: int, adapter: str, version: int, first: dt.date) -> _Traffic:
+def _traffic(
+    s: Session, tenant_id: int, adapter: str, version: int, first: dt.date | None
+) -> _Traffic:
     mine = (
         Usage.tenant_id == tenant_id,
         Usage.adapter == adapter,
         Usage.version == version,
-        col(Usage.day) >= first,
+        col(Usage.day) >= (first or dt.date.min),
     )
     sums = select(
         func.coalesce(func.sum(Usage.requests), 0),
@@ -148,7 +150,7 @@ def _traffic(s: Session, tenant_id: int, adapter: str, version: int, first: dt.d
 
 
 def _ratings(
-    captures: CaptureStore, tenant_id: int, adapter: str, version: int, since: dt.datetime
+    captures: CaptureStore, tenant_id: int, adapter: str, version: int, since: dt.datetime | None
 ) -> tuple[int, int]:
     """(thumbs up, rated) over the completions the version served since ``since``."""
     up = rated = 0
@@ -161,7 +163,7 @@ def _ratings(
 
 
 def _latest_feedback(
-    captures: CaptureStore, tenant_id: int, adapter: str, version: int, since: dt.datetime
+    captures: CaptureStore, tenant_id: int, adapter: str, version: int, since: dt.datetime | None
 ) -> Iterator[Feedback]:
     after: str | None = None
     while True:

@@ -71,6 +71,6 @@ def add_commands(sub: Any) -> None:
         "--since",
         type=dt.date.fromisoformat,
         metavar="YYYY-MM-DD",
-        help="with --online: traffic from this UTC day on (default: since the version was made)",
+        help="with --online: traffic from this UTC day on (default: the version's whole life)",
     )
     _tenant_flag(evals)
