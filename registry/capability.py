@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import JSON, UniqueConstraint
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -31,9 +31,6 @@ from registry.errors import Conflict, InvalidRequest, NotFound
 from registry.models import BaseModelRecord, timestamp_column, utcnow
 from registry.store import Store
 from registry.values import Actor
-
-if TYPE_CHECKING:
-    from registry.registry import Registry
 
 SUITE_PREFIX = "capability:"
 """Eval suites named ``capability:<name>`` hold a version's scores on a capability suite."""
@@ -228,7 +225,8 @@ def _suite_of(row: CapabilitySuite, reference: CapabilityReference | None) -> Su
 class CapabilityStore(Store):
     """Capability suites of bases and the bases' reference scores on them."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Store) -> None:
+        """On the registry's database (any ``Store``: ``registry.Registry`` is one)."""
         self.database, self.blobs, self.limits = registry.database, registry.blobs, registry.limits
 
     def set_suite(
