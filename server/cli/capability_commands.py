@@ -116,6 +116,18 @@ def adapters_gates(registry: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def _commands_of(sub: Any, name: str) -> Any:
+    """The subcommands of the ``name`` group (``registry_commands`` makes the group)."""
+    parser = sub.choices[name]
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``capability set|show`` to ``loraplex bases`` and ``gates`` to ``adapters``."""
+    add_capability_commands(_commands_of(sub, "bases"))
+    add_gates_command(_commands_of(sub, "adapters"))
+
+
 def add_capability_commands(bases: Any) -> None:
     """``capability set|show`` under ``loraplex bases``."""
     group = bases.add_parser("capability", help="a base's capability regression suites")

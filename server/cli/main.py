@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from server.cli import capability_commands as capability_cli
 from server.cli import dataset_commands as dataset_cli
 from server.cli import drift_commands as drift_cli
 from server.cli import erasure_commands as erasure_cli
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_commands(sub)
     drift_cli.add_commands(sub)
     eval_cli.add_commands(sub)
+    capability_cli.add_commands(sub)
     worker_cli.add_commands(sub)
     retraining_cli.add_commands(sub)
     erasure_cli.add_commands(sub)

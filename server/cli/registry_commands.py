@@ -426,9 +426,6 @@ def _add_bases(sub: Any) -> None:
     deprecate = _command(commands, "deprecate", bases_deprecate, "deprecate a base model")
     deprecate.add_argument("base", help="name, name@revision, revision or fingerprint")
     deprecate.add_argument("--reason", default="", help="why (shown to adapter owners)")
-    from server.cli.capability_commands import add_capability_commands  # it imports this module
-
-    add_capability_commands(commands)
 
 
 def _add_adapters(sub: Any) -> None:
@@ -471,9 +468,6 @@ def _add_adapters(sub: Any) -> None:
     audit.add_argument("--action", help="only this action, e.g. adapter.promote")
     audit.add_argument("--limit", type=int, default=100, help="newest N events")
     _tenant_flag(audit, required=False)
-    from server.cli.capability_commands import add_gates_command
-
-    add_gates_command(commands)
 
 
 def add_commands(subparsers: Any) -> None:
