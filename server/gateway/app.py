@@ -92,9 +92,7 @@ def create_gateway(
     metrics = Metrics()
     tenancy = Tenancy(registry)
     usage = UsageBook(registry)
-    replicas = Replicas(router.Placer(), settings.max_cpu_loras)
-    for engine in [s.engine for s in supervisors] if engines is None else engines:
-        replicas.add(engine)
+    replicas = _replicas(settings, [s.engine for s in supervisors] if engines is None else engines)
     forwarder = Forwarder(settings, metrics)
     limiter = router.Limiter()
     shared = SharedLimiter.from_settings(settings, limiter, metrics.limit_store_errors)
@@ -125,9 +123,8 @@ def create_gateway(
             try:
                 yield
             finally:
-                await usage.flush()
-                await capture.flush()
-                await drift.flush()
+                for book in (usage, capture, drift):  # what this gateway holds unwritten
+                    await book.flush()
                 await asyncio.gather(*(s.stop() for s in supervisors))
                 for task in tasks:
                     task.cancel()
@@ -144,6 +141,13 @@ def create_gateway(
     app.state.drift_threshold = settings.drift_threshold
     app.state.lifecycle_hooks = WarmupHooks(registry, replicas, forwarder)
     return app
+
+
+def _replicas(settings: Settings, engines: list[Engine]) -> Replicas:
+    replicas = Replicas(router.Placer(), settings.max_cpu_loras)
+    for engine in engines:
+        replicas.add(engine)
+    return replicas
 
 
 def _background_jobs(
