@@ -26,6 +26,9 @@ from registry.models import (
 )
 
 STATE_ACTIONS = {ARCHIVED: "adapter.archive", RETIRED: "adapter.retire"}
+SHADOW = "shadow"
+"""The alias of the candidate version that gets copies of production's traffic; its
+weight is the share of production requests copied (``registry.shadow``)."""
 
 
 @dataclass(frozen=True)
@@ -124,17 +127,54 @@ def canary(
 
 
 def clear_canary(session: Session, adapter: Adapter, change: Change) -> None:
+    _clear(session, adapter, CANARY, change, "adapter.canary_clear")
+
+
+def shadow(
+    session: Session, adapter: Adapter, version: AdapterVersion, share: float, change: Change
+) -> Alias:
+    """Copy ``share`` of production's requests to ``version``: a version of the same
+    adapter and base as production, active, and not production itself."""
     assert adapter.id is not None
-    current = aliases(session, adapter.id).get(CANARY)
+    if not 0.0 < share <= 1.0:
+        raise InvalidRequest(
+            f"shadow share {share} is outside (0, 1]; pass the share of production "
+            "requests to copy, like 0.2"
+        )
+    _require_active(version, "shadowed")
+    current = aliases(session, adapter.id).get(PRODUCTION)
+    production = session.get(AdapterVersion, current.version_id) if current else None
+    if production is None:
+        raise Conflict("the adapter has no production version to shadow; promote one first")
+    if production.id == version.id:
+        raise Conflict(
+            f"version {version.number} is the production version; shadow another version"
+        )
+    if production.base_id != version.base_id:
+        raise Conflict(
+            f"version {version.number} is pinned to another base than production version "
+            f"{production.number}; shadow copies run on production's base, so shadow a "
+            "version trained on that base"
+        )
+    return move_alias(session, adapter, SHADOW, version, share, change, "adapter.shadow")
+
+
+def clear_shadow(session: Session, adapter: Adapter, change: Change) -> None:
+    _clear(session, adapter, SHADOW, change, "adapter.shadow_clear")
+
+
+def _clear(session: Session, adapter: Adapter, name: str, change: Change, action: str) -> None:
+    assert adapter.id is not None
+    current = aliases(session, adapter.id).get(name)
     if current is None:
-        raise Conflict("the adapter has no canary alias to clear")
+        raise Conflict(f"the adapter has no {name} alias to clear")
     before = _snapshot(session, adapter.id)
     session.delete(current)
     session.add(
         AliasHistory(
             adapter_id=adapter.id,
-            alias=CANARY,
-            action="adapter.canary_clear",
+            alias=name,
+            action=action,
             previous_version_id=current.version_id,
             actor=change.actor,
         )
@@ -143,7 +183,7 @@ def clear_canary(session: Session, adapter: Adapter, change: Change) -> None:
     audit.record(
         session,
         change.actor,
-        "adapter.canary_clear",
+        action,
         change.subject,
         tenant_id=change.tenant_id,
         before={"aliases": before},
@@ -181,7 +221,7 @@ def set_state(
     if holding:
         raise Conflict(
             f"version {version.number} is the target of alias(es) {', '.join(holding)}; "
-            "promote or canary another version (or roll back) first"
+            "promote or canary another version (or roll back), or clear the shadow, first"
         )
     if version.state == state:
         return

@@ -449,6 +449,20 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
         with self._locked(tenant_id, name, actor) as (s, adapter, change):
             lifecycle.clear_canary(s, adapter, change)
 
+    def set_shadow(
+        self, tenant_id: int, name: str, number: int, share: float, actor: Actor
+    ) -> AdapterVersion:
+        """Copy ``share`` (0 < share <= 1) of production's requests to version ``number``
+        (answers compared, never returned: ``registry.shadow``)."""
+        with self._locked(tenant_id, name, actor) as (s, adapter, change):
+            version = self._version(s, adapter, number)
+            lifecycle.shadow(s, adapter, version, share, change)
+        return version
+
+    def clear_shadow(self, tenant_id: int, name: str, actor: Actor) -> None:
+        with self._locked(tenant_id, name, actor) as (s, adapter, change):
+            lifecycle.clear_shadow(s, adapter, change)
+
     def rollback(self, tenant_id: int, name: str, actor: Actor) -> AdapterVersion:
         """Restore the production target before the latest promote; returns that version."""
         with self._locked(tenant_id, name, actor) as (s, adapter, change):

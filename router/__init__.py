@@ -5,7 +5,7 @@ Time comes in as an argument and randomness as a stable hash, so every
 decision is reproducible in a unit test.
 """
 
-from router.fairness import FairQueue, Ticket
+from router.fairness import PRIORITY_LEVELS, FairQueue, Ticket
 from router.health import HealthConfig, ReplicaHealth, Transition
 from router.limits import (
     Admission,
@@ -32,6 +32,7 @@ from router.placement import (
     Replica,
     ReplicaLike,
 )
+from router.shadow import SHADOW, ShadowTarget, shadow_target
 from router.versions import (
     CANARY,
     PINNED,
@@ -50,7 +51,9 @@ __all__ = [
     "CANARY",
     "MAX_MODEL_NAME_LENGTH",
     "PINNED",
+    "PRIORITY_LEVELS",
     "PRODUCTION",
+    "SHADOW",
     "Admission",
     "AliasTarget",
     "AlreadySettled",
@@ -73,6 +76,7 @@ __all__ = [
     "ReplicaHealth",
     "ReplicaLike",
     "RoutingView",
+    "ShadowTarget",
     "TenantLimits",
     "Ticket",
     "TokenBucket",
@@ -82,4 +86,5 @@ __all__ = [
     "canary_bucket",
     "choose_version",
     "parse_model_name",
+    "shadow_target",
 ]

@@ -205,6 +205,11 @@ class Settings:
     """Seconds between the gateway's flushes of the prompts it routed to adapters into their
     live drift sketches, each followed by a check of their drift."""
 
+    shadow_max_in_flight: int = 4
+    """Shadow copies (of production requests, for an adapter's ``shadow`` candidate) one
+    gateway has out at once; more are dropped and counted, never queued. 0 turns shadow
+    traffic off on this gateway."""
+
     log_level: str = "info"
     """Log level: debug, info, warning or error."""
 
@@ -289,6 +294,7 @@ class Settings:
             "engine_max_in_flight_tokens",
             "engine_max_in_flight_prompt_tokens",
             "tenant_max_in_flight_tokens",
+            "shadow_max_in_flight",
         ):
             check(getattr(self, name) >= 0, name, "must be 0 or more")
         for name in (

@@ -45,6 +45,7 @@ from registry import (
 from registry.eval_history import eval_history
 from registry.online_metrics import record_online_metrics
 from server.api.auth import registry_of, require_admin, require_tenant
+from server.api.shadow_routes import add_shadow_routes
 from server.errors import APIError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -331,6 +332,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., AdapterScope]) -> APIR
     _add_lifecycle_routes(adapter_routes, scope_dep)
     _add_quality_routes(adapter_routes, scope_dep)
     _add_eval_history_routes(adapter_routes, scope_dep)
+    add_shadow_routes(adapter_routes, scope_dep)
     return adapter_routes
 
 

@@ -27,6 +27,7 @@ import router
 from registry import Registry
 from registry.captures import CaptureStore
 from registry.drift import DriftStore
+from registry.shadow import ShadowStore
 from server.config import Settings
 from server.errors import APIError, install_api_error_handler, unhandled_response
 from server.gateway import loops, openai_routes, ops_routes
@@ -41,6 +42,7 @@ from server.gateway.inference import Inference
 from server.gateway.metrics import Metrics
 from server.gateway.replicas import Engine, Replicas
 from server.gateway.resolution import Resolver
+from server.gateway.shadow import Shadow
 from server.gateway.shared_limits import SharedLimiter
 from server.gateway.tenancy import Tenancy, UsageBook
 from server.gateway.warmup import WarmupHooks
@@ -94,21 +96,9 @@ def create_gateway(
     usage = UsageBook(registry)
     replicas = _replicas(settings, [s.engine for s in supervisors] if engines is None else engines)
     forwarder = Forwarder(settings, metrics)
-    limiter = router.Limiter()
-    shared = SharedLimiter.from_settings(settings, limiter, metrics.limit_store_errors)
-    capture = Capture(CaptureStore(registry), metrics)
-    drift = DriftBook(DriftStore(registry), metrics, settings.drift_threshold)
-    inference = Inference(
-        tenancy,
-        Resolver(tenancy, replicas.bases, replicas.unidentified),
-        Accounting(limiter, usage, metrics, settings.max_tokens_limit, shared),
-        replicas,
-        forwarder,
-        settings.max_request_bytes,
-        settings.max_tokens_limit,
-        capture,
-        drift,
-    )
+    inference = _inference(settings, registry, tenancy, usage, replicas, forwarder)
+    capture, drift, shadow = inference.capture, inference.drift, inference.shadow
+    shared = inference.accounting.shared
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,13 +107,14 @@ def create_gateway(
             if shared is not None:
                 jobs.append(shared.renew_leases())
             jobs += [usage.run(), capture.run(), capture.purge_expired()]
-            jobs.append(drift.run(settings.drift_interval))
+            jobs += [drift.run(settings.drift_interval), shadow.run()]
             tasks = [asyncio.create_task(job) for job in jobs]
             _freeze_startup_heap()
             try:
                 yield
             finally:
-                for book in (usage, capture, drift):  # what this gateway holds unwritten
+                shadow.cancel()
+                for book in (usage, capture, drift, shadow):  # what it holds unwritten
                     await book.flush()
                 await asyncio.gather(*(s.stop() for s in supervisors))
                 for task in tasks:
@@ -141,6 +132,32 @@ def create_gateway(
     app.state.drift_threshold = settings.drift_threshold
     app.state.lifecycle_hooks = WarmupHooks(registry, replicas, forwarder)
     return app
+
+
+def _inference(
+    settings: Settings,
+    registry: Registry,
+    tenancy: Tenancy,
+    usage: UsageBook,
+    replicas: Replicas,
+    forwarder: Forwarder,
+) -> Inference:
+    """The inference routes, with the books they fill (capture, drift, shadow)."""
+    metrics = forwarder.metrics
+    limiter = router.Limiter()
+    shared = SharedLimiter.from_settings(settings, limiter, metrics.limit_store_errors)
+    return Inference(
+        tenancy,
+        Resolver(tenancy, replicas.bases, replicas.unidentified),
+        Accounting(limiter, usage, metrics, settings.max_tokens_limit, shared),
+        replicas,
+        forwarder,
+        settings.max_request_bytes,
+        settings.max_tokens_limit,
+        Capture(CaptureStore(registry), metrics),
+        DriftBook(DriftStore(registry), metrics, settings.drift_threshold),
+        Shadow(ShadowStore(registry), replicas, forwarder, metrics, settings.shadow_max_in_flight),
+    )
 
 
 def _replicas(settings: Settings, engines: list[Engine]) -> Replicas:

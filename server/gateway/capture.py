@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,13 +255,7 @@ def assemble_stream(data: bytes, usage: TokenUsage | None) -> dict[str, Any] | N
     returned (None when they hold no chunk)."""
     head: dict[str, Any] | None = None
     choices: dict[int, dict[str, Any]] = {}
-    for event in data.split(b"\n\n"):
-        event = event.strip()
-        if not event.startswith(b"data: ") or event == b"data: [DONE]":
-            continue
-        chunk = orjson.loads(event[6:])
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-            continue
+    for chunk in stream_chunks(data):
         head = head or chunk
         for part in chunk["choices"]:
             index = part.get("index", 0)
@@ -284,6 +279,18 @@ def assemble_stream(data: bytes, usage: TokenUsage | None) -> dict[str, Any] | N
         },
         "system_fingerprint": head.get("system_fingerprint"),
     }
+
+
+def stream_chunks(data: bytes) -> Iterator[dict[str, Any]]:
+    """The chunks (objects with a ``choices`` list) of a streamed answer's events, in order;
+    ValueError if an event's data is not JSON."""
+    for event in data.split(b"\n\n"):
+        event = event.strip()
+        if not event.startswith(b"data: ") or event == b"data: [DONE]":
+            continue
+        chunk = orjson.loads(event[6:])
+        if isinstance(chunk, dict) and isinstance(chunk.get("choices"), list):
+            yield chunk
 
 
 def _empty_choice(index: int) -> dict[str, Any]:

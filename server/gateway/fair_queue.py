@@ -169,6 +169,22 @@ class FairGate:
         body["priority"] = queue.priority(ticket)  # replaces the client's, if it sent one
         return seat
 
+    def crowded(self, base: str, body: dict[str, Any]) -> bool:
+        """Whether a request that takes no seat (a shadow copy) would crowd ``base``'s
+        replicas: someone waits at its queue, or its in-flight tokens leave no room."""
+        queue = self._queues.get(base) if self.enabled else None
+        if queue is None:
+            return False
+        return queue.waiting() > 0 or queue.in_flight + self.cost(body) > queue.capacity
+
+    def last_in_line(self, body: dict[str, Any]) -> None:
+        """Give a request that takes no seat the engines' lowest priority (when fair
+        queueing sets priorities at all: an engine without priority scheduling refuses one)."""
+        if self.enabled:
+            body["priority"] = router.PRIORITY_LEVELS
+        else:
+            body.pop("priority", None)
+
     def leave(self, queue: router.FairQueue, ticket: router.Ticket) -> None:
         """Free what ``ticket`` holds or waits for; start whom that lets in."""
         self._wake(queue.leave(ticket))

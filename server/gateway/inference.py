@@ -10,7 +10,8 @@ Each request goes through the same five steps, each owned by one object:
    and it waits its turn at them if its tenant's or their in-flight tokens are full
    (``fair_queue.FairGate``);
 5. the first replica that takes it answers (``forwarding.Forwarder``), and the answer is
-   relayed (``proxy``), with usage and metrics accounted when it ends.
+   relayed (``proxy``), with usage and metrics accounted when it ends (and, after it, the
+   request stored by ``capture`` and copied to a shadow candidate by ``shadow``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from server.gateway.drift import DriftBook
 from server.gateway.forwarding import Forwarder
 from server.gateway.replicas import Engine, Replicas
 from server.gateway.resolution import NO_ENGINE, Resolver, Route
+from server.gateway.shadow import Shadow
 from server.gateway.tenancy import Tenancy
 
 Reply = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -55,6 +57,8 @@ class Inference:
     """Which chat completions are stored, after their answers (``capture.Capture``)."""
     drift: DriftBook
     """Where the prompts routed to adapters are kept for their drift sketches."""
+    shadow: Shadow
+    """Which production requests a shadow candidate gets a copy of, after their answers."""
 
     async def serve(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry of an inference route: the answer, or the error in OpenAI's shape.
@@ -80,6 +84,7 @@ class Inference:
         route = await self.resolver.resolve(caller, body)
         limits = await self.tenancy.limits(caller.tenant_id)
         capture = await self.capture.begin(path, caller, route, body, declared)
+        copy = self.shadow.begin(path, caller, route, body) if route.shadow else None
         admission = await self.accounting.admit(caller, limits, body)
         self.drift.offer(caller.tenant_id, route, body)
 
@@ -90,6 +95,7 @@ class Inference:
         if capture is not None:
             outcome.kept = capture.kept
             outcome.on_finish.append(capture.finished)
+        self.shadow.attach(copy, outcome)
         try:
             wants_stream, options = _engine_body(body, route)
             candidates = self._candidates(route)

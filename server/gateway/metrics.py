@@ -78,6 +78,7 @@ class Metrics:
         )
         self._add_engine_metrics()
         self._add_capture_metrics()
+        self._add_shadow_metrics()
         self.in_flight = Gauge(
             "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
         )
@@ -163,6 +164,27 @@ class Metrics:
             ["tenant", "reason"],
             registry=r,
         )
+
+    def _add_shadow_metrics(self) -> None:
+        r = self.registry
+        self.shadow_copies = Counter(
+            "loraplex_shadow_copies",
+            "Copies of production requests for a shadow candidate, by tenant and outcome "
+            "(answered, failed, busy: dropped as the engines or this gateway's shadow slots "
+            "were full, unreadable: production's answer could not be read, book_full, "
+            "write_failed: compared but not recorded).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.shadow_tokens = Counter(
+            "loraplex_shadow_tokens",
+            "Tokens the shadow copies used, by tenant and kind (prompt or completion); "
+            "charged to no tenant's limits.",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.shadow_copies_of = Children(self.shadow_copies)
+        self.shadow_tokens_of = Children(self.shadow_tokens)
 
     def forget_engine(self, engine: str) -> None:
         """Drop a departed engine's series, so dashboards stop showing it as down."""

@@ -47,6 +47,9 @@ class Route:
     """The model the engine is asked for: the base's served name or the version's LoRA name."""
     version: ServedVersion | None = None
     """The adapter version; None when the base model itself was asked for."""
+    shadow: router.ShadowTarget | None = None
+    """The candidate that may get a copy of this request (a production request of an
+    adapter with a ``shadow`` alias: ``server.gateway.shadow``)."""
 
     @property
     def lora_name(self) -> str | None:
@@ -122,7 +125,10 @@ class Resolver:
             raise model_not_found(model) from None
         chosen = choice.version
         version = ServedVersion(ref.name, chosen.number, chosen.lora_name, choice.label)
-        return Route(model, caller.tenant_name, chosen.base_fingerprint, chosen.lora_name, version)
+        shadow = router.shadow_target(view, choice) if router.SHADOW in view.aliases else None
+        return Route(
+            model, caller.tenant_name, chosen.base_fingerprint, chosen.lora_name, version, shadow
+        )
 
     async def _maybe_served(self, name: str) -> bool:
         return self.unidentified() and name in await self.tenancy.registered_base_names()
