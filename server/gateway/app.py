@@ -124,7 +124,7 @@ def create_gateway(
                     await shared.close()
 
     app = GatewayApp(title="loraplex", version="0.1.0", lifespan=lifespan)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.hot_routes.update(openai_routes.add(app, inference, tenancy, replicas.bases, settings))
     ops_routes.add(app, replicas, metrics, settings.metrics_token)
     app.state.registry = registry
@@ -201,7 +201,9 @@ def _freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI's error shape for every error: HTTP errors, invalid bodies (400, the field
+    named), anything unhandled (500)."""
     install_api_error_handler(app)
 
     async def http_error(_: Request, exc: Exception) -> Response:

@@ -196,7 +196,7 @@ async def test_a_candidate_that_does_not_answer_is_counted_failed(answer: Any) -
 
 
 async def test_an_unreadable_production_answer_and_a_full_book_are_counted() -> None:
-    shadow, store, metrics = _shadow(FakeForwarder(FakeUpstream(200, _chat("x"))))
+    shadow, _, metrics = _shadow(FakeForwarder(FakeUpstream(200, _chat("x"))))
     _answered(shadow, {"model": "bot"}, b"not json")
     assert _count(metrics, "unreadable") == 1
     shadow._book_pairs = MAX_BOOK_PAIRS
