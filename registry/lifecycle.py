@@ -18,6 +18,7 @@ from registry.models import (
     CANARY,
     PRODUCTION,
     RETIRED,
+    SHADOW,
     Adapter,
     AdapterVersion,
     Alias,
@@ -26,9 +27,6 @@ from registry.models import (
 )
 
 STATE_ACTIONS = {ARCHIVED: "adapter.archive", RETIRED: "adapter.retire"}
-SHADOW = "shadow"
-"""The alias of the candidate version that gets copies of production's traffic; its
-weight is the share of production requests copied (``registry.shadow``)."""
 
 
 @dataclass(frozen=True)

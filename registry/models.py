@@ -21,6 +21,9 @@ RETIRED = "retired"
 
 PRODUCTION = "production"
 CANARY = "canary"
+SHADOW = "shadow"
+"""The alias of the candidate version that gets copies of production's traffic; its
+weight is the share of production requests copied (``registry.shadow``)."""
 
 
 def utcnow() -> dt.datetime:

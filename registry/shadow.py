@@ -37,6 +37,7 @@ from registry.errors import Conflict, NotFound
 from registry.jobs import FineTuningJob
 from registry.models import (
     PRODUCTION,
+    SHADOW,
     Adapter,
     AdapterVersion,
     EvalResult,
@@ -219,7 +220,7 @@ class ShadowStore(Store):
             adapter = self._adapter(s, tenant_id, name)
             assert adapter.id is not None
             aliases = lifecycle.aliases(s, adapter.id)
-            shadow, production = aliases.get(lifecycle.SHADOW), aliases.get(PRODUCTION)
+            shadow, production = aliases.get(SHADOW), aliases.get(PRODUCTION)
             candidate = s.get(AdapterVersion, shadow.version_id) if shadow else None
             current = s.get(AdapterVersion, production.version_id) if production else None
             result = self._result(s, candidate, current)
@@ -241,9 +242,9 @@ class ShadowStore(Store):
             assert adapter.id is not None
             aliases = lifecycle.aliases(s, adapter.id)
             if number is None:
-                if lifecycle.SHADOW not in aliases:
+                if SHADOW not in aliases:
                     raise Conflict("the adapter has no shadow alias; name the version to record")
-                candidate = s.get(AdapterVersion, aliases[lifecycle.SHADOW].version_id)
+                candidate = s.get(AdapterVersion, aliases[SHADOW].version_id)
             else:
                 candidate = self._version(s, adapter, number)
             assert candidate is not None

@@ -35,7 +35,7 @@ class ShadowEvalBody(BaseModel):
     """The version whose results to record; the shadow alias's version by default."""
 
 
-class Scope(Protocol):
+class ActingScope(Protocol):
     """What these routes use of ``registry_routes.AdapterScope``."""
 
     registry: Registry
@@ -45,9 +45,9 @@ class Scope(Protocol):
     def before_traffic(self, adapter: str, number: int) -> None: ...
 
 
-def add_shadow_routes(adapter_routes: APIRouter, scope_dep: Callable[..., Scope]) -> None:
+def add_shadow_routes(adapter_routes: APIRouter, scope_dep: Callable[..., ActingScope]) -> None:
     """Add the shadow routes to ``adapter_routes``, acting for the tenant ``scope_dep`` gives."""
-    Acting = Annotated[Scope, Depends(scope_dep)]
+    Acting = Annotated[ActingScope, Depends(scope_dep)]
 
     @adapter_routes.post("/{name}/shadow", summary="Copy a share of production's traffic")
     def set_shadow(scope: Acting, name: str, body: ShadowBody) -> dict[str, Any]:
