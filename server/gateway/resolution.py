@@ -122,13 +122,35 @@ class Resolver:
         try:
             choice = router.choose_version(view, ref, sticky)
         except router.NoServableVersion:
-            raise model_not_found(model) from None
+            view = await self._newer(caller, ref, view)
+            if view is None:
+                raise model_not_found(model) from None
+            choice = self._choose_again(view, ref, sticky, model)
         chosen = choice.version
         version = ServedVersion(ref.name, chosen.number, chosen.lora_name, choice.label)
         shadow = router.shadow_target(view, choice) if router.SHADOW in view.aliases else None
         return Route(
             model, caller.tenant_name, chosen.base_fingerprint, chosen.lora_name, version, shadow
         )
+
+    async def _newer(
+        self, caller: Caller, ref: router.ModelRef, view: router.RoutingView
+    ) -> router.RoutingView | None:
+        """The adapter's view read again when ``ref`` pins a version newer than the cached
+        view knows (pushed since it was read), else None."""
+        known = max(view.versions, default=0)
+        if ref.kind is not router.RefKind.PINNED or ref.version is None or ref.version <= known:
+            return None
+        return await self.tenancy.routing_now(caller.tenant_id, ref.name)
+
+    @staticmethod
+    def _choose_again(
+        view: router.RoutingView, ref: router.ModelRef, sticky: str, model: str
+    ) -> router.Choice:
+        try:
+            return router.choose_version(view, ref, sticky)
+        except router.NoServableVersion:
+            raise model_not_found(model) from None
 
     async def _maybe_served(self, name: str) -> bool:
         return self.unidentified() and name in await self.tenancy.registered_base_names()

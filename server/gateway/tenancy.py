@@ -32,6 +32,9 @@ one reload in the background and is answered from the cache meanwhile."""
 REGISTRY_MAX_AGE = 0.9
 """Seconds after which a cached answer is never used: requests wait for the reload. Below
 the 1 s freshness promise (revoked keys, alias flips, new limits), load time included."""
+RELOAD_AFTER = 0.05
+"""Seconds a cached routing view is trusted even for a version it does not hold: at most
+this often per adapter does a request for a version that may be new read the registry."""
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -87,6 +90,11 @@ class TTLCache(Generic[K, T]):
                 self._start_load(key)
             return hit[1]
         return MISS
+
+    def age(self, key: K) -> float | None:
+        """Seconds since the load of the cached value started; None if none is cached."""
+        hit = self._entries.get(key)
+        return None if hit is None else time.monotonic() - hit[0]
 
     async def get(self, key: K) -> T:
         hit = self.fresh(key)
@@ -176,6 +184,16 @@ class Tenancy:
     async def routing(self, tenant_id: int, adapter: str) -> router.RoutingView | None:
         hit = self._routing.fresh((tenant_id, adapter))
         return hit if hit is not MISS else await self._routing.load((tenant_id, adapter))
+
+    async def routing_now(self, tenant_id: int, adapter: str) -> router.RoutingView | None:
+        """The adapter's routing as the registry has it now, unless the cached view is
+        younger than ``RELOAD_AFTER``: for a request naming a version the cached view does
+        not hold yet (pushed within the cache's lifetime), not for every request."""
+        key = (tenant_id, adapter)
+        age = self._routing.age(key)
+        if age is not None and age < RELOAD_AFTER:
+            return await self.routing(tenant_id, adapter)
+        return await self._routing.load(key)
 
     async def limits(self, tenant_id: int) -> router.TenantLimits:
         hit = self._limits.fresh(tenant_id)

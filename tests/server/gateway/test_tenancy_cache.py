@@ -154,3 +154,34 @@ async def test_usage_is_flushed_in_one_batch_and_kept_when_the_write_fails(
 
 def _failing(*args: object, **kwargs: object) -> None:
     raise OSError("database is down")
+
+
+async def test_a_version_pushed_since_the_view_was_cached_resolves_at_once(
+    registry: Registry, tmp_path: Path
+) -> None:
+    from server.errors import APIError
+    from server.gateway.resolution import Resolver
+    from server.gateway.tenancy import Caller
+    from tests.registry.registry_testdata import build_adapter, build_tiny_base
+
+    actor = Actor("ops", admin=True)
+    tenant = registry.create_tenant("acme", actor, TenantLimits())
+    assert tenant.id is not None
+    base = build_tiny_base(tmp_path / "tiny")
+    registry.register_base(base, "tiny", "r1", actor)
+    adapters = [build_adapter(base, tmp_path / f"v{n}", seed=n) for n in (1, 2)]
+    registry.push_adapter(tenant.id, "bot", adapters[0], "tiny", actor)
+    registry.promote(tenant.id, "bot", 1, actor)
+    _, key = registry.create_api_key(tenant.id, "tenant", actor, name="k")
+    tenancy = Tenancy(registry, ttl=60, max_age=60)  # nothing expires during the test
+    caller = await tenancy.caller(key)
+    assert isinstance(caller, Caller)
+    resolver = Resolver(tenancy, {"tiny": "fp"}, lambda: False)
+    assert (await resolver.resolve(caller, {"model": "bot"})).version.number == 1  # type: ignore[union-attr]
+    registry.push_adapter(tenant.id, "bot", adapters[1], "tiny", actor)
+    await asyncio.sleep(0.06)  # older than RELOAD_AFTER
+    pinned = await resolver.resolve(caller, {"model": "bot@2"})
+    assert pinned.version is not None and pinned.version.number == 2
+    with pytest.raises(APIError) as unknown:
+        await resolver.resolve(caller, {"model": "bot@3"})
+    assert unknown.value.status == 404 and "bot@3" in str(unknown.value)
