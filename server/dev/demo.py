@@ -3,8 +3,9 @@
 Builds the demo base (once), starts ``loraplex serve`` as users run it, sends
 a few requests to the base, then plays two tenants: each uploads a stock PEFT
 adapter through the REST API, promotes it, and gets its own adapter's answers
-while the other's stays invisible to it. Finally it stops the server and its
-engine.
+while the other's stays invisible to it; both fine-tune through the openai client, and
+one turn of the continuous fine-tuning loop follows (``server.dev.demo_loop``). Finally
+it stops the server and its engine.
 
 The demo adapters carry seeded random LoRA weights, so "their behaviour" is
 simply different text from the base's; trained adapters come from the
@@ -283,6 +284,7 @@ def show_trained(url: str, base: Path, keys: dict[str, str], models: dict[str, s
 
 
 def main() -> int:
+    from server.dev.demo_loop import run_turn  # it imports this module's helpers
     from training.demo_base import build_demo_base
 
     _say("building the demo base model (cached after the first run)")
@@ -306,9 +308,10 @@ def main() -> int:
         worker = start_worker(base, HOME / "logs" / "demo-worker.log")
         try:
             models = fine_tune(url, base, keys)
+            show_trained(url, base, keys, models)
+            run_turn(url, base.name)  # one turn of the fine-tuning loop; needs the worker
         finally:
             worker.stop()
-        show_trained(url, base, keys, models)
     finally:
         _say("stopping the server and its engine")
         server.stop()
