@@ -17,6 +17,7 @@ from server.api.erasure_routes import routes as erasure_router
 from server.api.jobs_routes import routes as jobs_router
 from server.api.registry_routes import routes as registry_router
 from server.api.retraining_routes import routes as retraining_router
+from server.api.usage_routes import routes as usage_router
 from server.config import Settings
 from server.gateway.app import create_gateway
 from server.gateway.engines import EngineSupervisor
@@ -39,4 +40,5 @@ def create_app(
     app.include_router(erasure_router)
     app.include_router(datasets_router)
     app.include_router(drift_router)
+    app.include_router(usage_router)
     return app
