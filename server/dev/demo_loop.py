@@ -70,6 +70,9 @@ JOB_TIMEOUT_S = 1200
 CAPTURE_TIMEOUT_S = 60
 SHADOW_TIMEOUT_S = 180
 SHADOW_STALL_S = 15
+ALIAS_FRESH_S = 1.0
+"""A gateway answers from its cached routing view for up to 0.9 s after an alias moves
+(``server.gateway.tenancy.REGISTRY_MAX_AGE``): traffic sent sooner may miss the change."""
 
 
 # -- the data: pure, tested ----------------------------------------------------------
@@ -471,6 +474,7 @@ def shadow(turn: Turn, candidate: int) -> None:
     path = f"/v1/adapters/{turn.name}/shadow"
     body = {"version": candidate, "share": 1.0}
     production_version = api(turn.http, "POST", path, body).json()["production_version"]
+    time.sleep(ALIAS_FRESH_S)
     _say(f"shadow: v{candidate} gets a copy of all of production v{production_version}'s traffic")
     sent = len(ask(turn, turn.name, turn.splits.shadow, None))
     results = wait_compared(turn, path, sent)
@@ -526,6 +530,7 @@ def promote(turn: Turn, candidate: int) -> bool:
         print("    " + reply.json().get("error", {}).get("message", reply.text))
         return False
     _say(f"POST {path} -> the gates pass: production is now v{production(turn)}")
+    time.sleep(ALIAS_FRESH_S)
     return True
 
 
