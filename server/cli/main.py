@@ -22,6 +22,7 @@ from server.cli import eval_commands as eval_cli
 from server.cli import registry_commands as registry_cli
 from server.cli import retraining_commands as retraining_cli
 from server.cli import shadow_commands as shadow_cli
+from server.cli import usage_commands as usage_cli
 from server.cli import worker_commands as worker_cli
 from server.config import (
     Settings,
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_commands(sub)
     drift_cli.add_commands(sub)
     shadow_cli.add_commands(sub)
+    usage_cli.add_commands(sub)
     eval_cli.add_commands(sub)
     capability_cli.add_commands(sub)
     worker_cli.add_commands(sub)
