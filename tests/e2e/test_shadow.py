@@ -147,6 +147,9 @@ def test_clients_get_production_while_the_candidate_answers_copies(
     booked = site.registry.usage(site.tenant.tenant_id)
     assert sum(row.requests for row in booked) == len(PROMPTS)  # the copies are not billed
     assert sum(row.completion_tokens for row in booked) == used
+    report = site.http.get("/v1/usage").json()  # the same counters through the usage API
+    assert report["totals"]["requests"] == len(PROMPTS)
+    assert report["totals"]["completion_tokens"] == used
 
 
 def test_shadow_results_gate_the_promotion_then_the_shadow_copies_nothing(site: Site) -> None:
