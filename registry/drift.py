@@ -31,7 +31,7 @@ from sqlalchemy import JSON, Date, DateTime, UniqueConstraint, delete
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from registry import audit, lifecycle
-from registry.errors import InvalidRequest, NotFound
+from registry.errors import InvalidRequest
 from registry.models import PRODUCTION, Adapter, AdapterVersion, Tenant, utcnow
 from registry.registry import Registry
 from registry.store import Store
@@ -51,7 +51,6 @@ DEFAULT_THRESHOLD = 0.35
 """Score past which an adapter is said to drift, unless the caller sets another."""
 DEFAULT_DAYS = 7
 MAX_DAYS = 90
-NUL = "\x00"
 
 DRIFT = "adapter.drift"
 DRIFT_CLEARED = "adapter.drift_cleared"
@@ -304,11 +303,6 @@ def check_days(days: int) -> int:
     return days
 
 
-def _unknown_adapter(name: str) -> NotFound:
-    # The same words for foreign and unknown adapters (and as the registry's own).
-    return NotFound(f"adapter {name!r} does not exist; list your adapters to see the names")
-
-
 def today() -> dt.date:
     return utcnow().date()
 
@@ -402,7 +396,7 @@ class DriftStore(Store):
         check_days(days)
         check_threshold(threshold)
         with self._read() as s:
-            owner = self._adapter(s, tenant_id, adapter)
+            owner = self._own_adapter(s, tenant_id, adapter)
             live = self._live(s, tenant_id, adapter, days)
             version = self._production(s, owner)
             reference = s.get(DriftReference, version.id) if version is not None else None
@@ -431,14 +425,6 @@ class DriftStore(Store):
             lengths=apart.lengths,
             ngrams=apart.ngrams,
         )
-
-    def _adapter(self, s: Session, tenant_id: int, name: str) -> Adapter:
-        query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-        # No name holds a NUL, and PostgreSQL refuses them in queries.
-        adapter = None if NUL in name else s.exec(query).first()
-        if adapter is None:
-            raise _unknown_adapter(name)
-        return adapter
 
     def _production(self, s: Session, adapter: Adapter) -> AdapterVersion | None:
         assert adapter.id is not None
@@ -491,7 +477,7 @@ class DriftStore(Store):
     def state(self, tenant_id: int, adapter: str) -> DriftState | None:
         """The adapter's last check, or None if none ran (``NotFound`` for a foreign one)."""
         with self._read() as s:
-            self._adapter(s, tenant_id, adapter)
+            self._own_adapter(s, tenant_id, adapter)
             return s.get(DriftState, (tenant_id, adapter))
 
 

@@ -19,7 +19,7 @@ from registry.bases import BasesMixin
 from registry.blobs import BlobStore, Progress
 from registry.bundle import build_bundle
 from registry.db import migrate, open_database
-from registry.errors import AdapterRejected, Conflict, GateFailed, NotFound, PermissionDenied
+from registry.errors import AdapterRejected, Conflict, GateFailed, PermissionDenied
 from registry.gates import Gate, gate_failures
 from registry.limits import UploadLimits
 from registry.lora_names import lora_name
@@ -36,14 +36,10 @@ from registry.models import (
     Tenant,
 )
 from registry.serving import ServingMixin
+from registry.store import unknown_adapter
 from registry.tenancy import TenancyMixin
 from registry.validation import ValidatedAdapter, validate_adapter
 from registry.values import Actor, AliasTarget, Provenance
-
-
-def _unknown_adapter(name: str) -> NotFound:
-    # Same words for foreign and unknown names: tenants must not learn what others own.
-    return NotFound(f"adapter {name!r} does not exist; list your adapters to see the names")
 
 
 @dataclass(frozen=True)
@@ -267,18 +263,8 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
             s.add(adapter)
             s.flush()
         if adapter is None:
-            raise _unknown_adapter(name)
+            raise unknown_adapter(name)
         return adapter
-
-    def _version(self, s: Session, adapter: Adapter, number: int) -> AdapterVersion:
-        version = s.exec(
-            select(AdapterVersion).where(
-                AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number
-            )
-        ).first()
-        if version is None:
-            raise NotFound(f"adapter {adapter.name!r} has no version {number}; list its versions")
-        return version
 
     def _subject(self, s: Session, adapter: Adapter, number: int | None = None) -> str:
         tenant = s.get(Tenant, adapter.tenant_id)
@@ -309,7 +295,7 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
     def aliases(self, tenant_id: int, name: str) -> dict[str, AliasTarget]:
         view = self.routing_view(tenant_id, name)
         if view is None:
-            raise _unknown_adapter(name)
+            raise unknown_adapter(name)
         return view.aliases
 
     # -- evals and gates ---------------------------------------------------

@@ -33,12 +33,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, Session, SQLModel, select
 
 from registry import lifecycle
-from registry.errors import Conflict, NotFound
+from registry.errors import Conflict
 from registry.jobs import FineTuningJob
 from registry.models import (
     PRODUCTION,
     SHADOW,
-    Adapter,
     AdapterVersion,
     EvalResult,
     timestamp_column,
@@ -52,7 +51,6 @@ SUITE = "shadow"
 """The eval suite shadow results are recorded in."""
 AGREEMENT = "agreement"
 JSON_VALID = "json_valid"
-NUL = "\x00"
 
 
 class ShadowResult(SQLModel, table=True):
@@ -187,11 +185,6 @@ class ShadowStatus:
         }
 
 
-def _unknown_adapter(name: str) -> NotFound:
-    # The same words for foreign and unknown adapters (and as the registry's own).
-    return NotFound(f"adapter {name!r} does not exist; list your adapters to see the names")
-
-
 class ShadowStore(Store):
     """Shadow sums: added by gateways, shown, and recorded as eval results."""
 
@@ -202,7 +195,7 @@ class ShadowStore(Store):
     def add(self, batch: ShadowBatch) -> None:
         """Add a batch's comparisons and counts to its row, in one statement."""
         with self._write() as s:
-            adapter = self._adapter(s, batch.tenant_id, batch.adapter)
+            adapter = self._own_adapter(s, batch.tenant_id, batch.adapter)
             candidate = self._version(s, adapter, batch.candidate)
             production = self._version(s, adapter, batch.production)
             sums = sums_of(batch, self._schema(s, production))
@@ -217,7 +210,7 @@ class ShadowStore(Store):
     def status(self, tenant_id: int, name: str) -> ShadowStatus:
         """The adapter's shadow alias and its candidate's sums against production now."""
         with self._read() as s:
-            adapter = self._adapter(s, tenant_id, name)
+            adapter = self._own_adapter(s, tenant_id, name)
             assert adapter.id is not None
             aliases = lifecycle.aliases(s, adapter.id)
             shadow, production = aliases.get(SHADOW), aliases.get(PRODUCTION)
@@ -238,7 +231,7 @@ class ShadowStore(Store):
         """Record version ``number``'s sums against the current production version as its
         ``shadow`` eval results (``number`` None: the shadow alias's version)."""
         with self._write() as s:
-            adapter = self._adapter(s, tenant_id, name)
+            adapter = self._own_adapter(s, tenant_id, name)
             assert adapter.id is not None
             aliases = lifecycle.aliases(s, adapter.id)
             if number is None:
@@ -282,24 +275,6 @@ class ShadowStore(Store):
             return None
         job = s.get(FineTuningJob, production.training_job)
         return job.json_schema if job is not None else None
-
-    def _adapter(self, s: Session, tenant_id: int, name: str) -> Adapter:
-        query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
-        # No name holds a NUL, and PostgreSQL refuses them in queries.
-        adapter = None if NUL in name else s.exec(query).first()
-        if adapter is None:
-            raise _unknown_adapter(name)
-        return adapter
-
-    def _version(self, s: Session, adapter: Adapter, number: int) -> AdapterVersion:
-        version = s.exec(
-            select(AdapterVersion).where(
-                AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number
-            )
-        ).first()
-        if version is None:
-            raise NotFound(f"adapter {adapter.name!r} has no version {number}; list its versions")
-        return version
 
 
 def _scores(row: ShadowResult) -> list[Score]:

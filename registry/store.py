@@ -14,9 +14,16 @@ from registry.blobs import BlobStore
 from registry.db import WRITE_OPTION
 from registry.errors import NotFound
 from registry.limits import UploadLimits
-from registry.models import Tenant
+from registry.models import Adapter, AdapterVersion, Tenant
 
 T = TypeVar("T")
+NUL = "\x00"
+"""No name holds one, and PostgreSQL refuses them in queries."""
+
+
+def unknown_adapter(name: str) -> NotFound:
+    # Same words for foreign and unknown names: tenants must not learn what others own.
+    return NotFound(f"adapter {name!r} does not exist; list your adapters to see the names")
 
 
 class Store:
@@ -51,6 +58,25 @@ class Store:
                 if retries == 0:
                     raise
                 retries -= 1
+
+    def _own_adapter(self, s: Session, tenant_id: int, name: str) -> Adapter:
+        """The tenant's adapter ``name``; NotFound, in the same words, when it is another
+        tenant's or nobody's."""
+        query = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+        adapter = None if NUL in name else s.exec(query).first()
+        if adapter is None:
+            raise unknown_adapter(name)
+        return adapter
+
+    def _version(self, s: Session, adapter: Adapter, number: int) -> AdapterVersion:
+        version = s.exec(
+            select(AdapterVersion).where(
+                AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number
+            )
+        ).first()
+        if version is None:
+            raise NotFound(f"adapter {adapter.name!r} has no version {number}; list its versions")
+        return version
 
     def _tenant(self, s: Session, tenant: int | str, lock: bool = False) -> Tenant:
         column = Tenant.id if isinstance(tenant, int) else Tenant.name
