@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
 
-from registry import LocalBlobStore, Registry
+from registry import Actor, LocalBlobStore, Registry
 from server.errors import install_api_error_handler
 from tests.registry.registry_testdata import create_database, drop_database
 
@@ -45,3 +45,14 @@ def client_for(registry: Registry, *routers: APIRouter) -> TestClient:
     for router in routers:
         app.include_router(router)
     return TestClient(app)
+
+
+ROUTE_TEST_ADMIN = Actor("test-root", admin=True)
+
+
+def tenant_with_key(registry: Registry, name: str) -> tuple[int, dict[str, str]]:
+    """A new tenant ``name``: (its id, the headers of a new tenant key of its)."""
+    tenant_id = registry.create_tenant(name, ROUTE_TEST_ADMIN).id
+    assert tenant_id is not None
+    key = registry.create_api_key(tenant_id, "tenant", ROUTE_TEST_ADMIN)[1]
+    return tenant_id, {"authorization": f"Bearer {key}"}

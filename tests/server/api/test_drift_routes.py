@@ -14,7 +14,7 @@ from registry import Actor, Registry
 from registry.drift import DriftStore, sketch_prompts
 from server.api import drift_routes
 from tests.registry.registry_testdata import build_adapter, build_tiny_base
-from tests.server.api.conftest import client_for
+from tests.server.api.conftest import client_for, tenant_with_key
 
 ROOT = Actor("test-root", admin=True)
 ON_TOPIC = [f"Where is the {noun}?" for noun in ("cat", "dog", "boat", "tree", "lamp")]
@@ -28,13 +28,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, build_adapter(base, root / "v1", seed=1)
 
 
-def _key(registry: Registry, tenant: str) -> tuple[int, dict[str, str]]:
-    tenant_id = registry.create_tenant(tenant, ROOT).id
-    assert tenant_id is not None
-    key = registry.create_api_key(tenant_id, "tenant", ROOT)[1]
-    return tenant_id, {"authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
 def client(registry: Registry) -> TestClient:
     client = client_for(registry, drift_routes.routes)
@@ -45,7 +38,7 @@ def client(registry: Registry) -> TestClient:
 def test_drift_is_unknown_then_scored_and_checked(
     registry: Registry, client: TestClient, built: tuple[Path, Path]
 ) -> None:
-    tenant_id, acme = _key(registry, "acme")
+    tenant_id, acme = tenant_with_key(registry, "acme")
     registry.register_base(built[0], "tiny", "r1", ROOT)
     version = registry.push_adapter(tenant_id, "bot", built[1], "tiny", ROOT)
     registry.promote(tenant_id, "bot", 1, ROOT)
@@ -69,8 +62,8 @@ def test_drift_is_unknown_then_scored_and_checked(
 def test_a_foreign_adapter_is_answered_like_an_unknown_one(
     registry: Registry, client: TestClient, built: tuple[Path, Path]
 ) -> None:
-    tenant_id, _ = _key(registry, "acme")
-    _, globex = _key(registry, "globex")
+    tenant_id, _ = tenant_with_key(registry, "acme")
+    _, globex = tenant_with_key(registry, "globex")
     registry.register_base(built[0], "tiny", "r1", ROOT)
     registry.push_adapter(tenant_id, "bot", built[1], "tiny", ROOT)
     foreign = client.get("/v1/adapters/bot/drift", headers=globex)

@@ -14,7 +14,7 @@ from registry.shadow import ShadowBatch, ShadowStore
 from server.api import registry_routes
 from server.gateway.app import install_error_handlers
 from tests.registry.registry_testdata import build_adapter, build_tiny_base
-from tests.server.api.conftest import client_for
+from tests.server.api.conftest import client_for, tenant_with_key
 
 ROOT = Actor("test-root", admin=True)
 
@@ -26,17 +26,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return base, build_adapter(base, root / "v1", seed=1), build_adapter(base, root / "v2", seed=2)
 
 
-def _tenant(registry: Registry, name: str) -> tuple[int, dict[str, str]]:
-    tenant_id = registry.create_tenant(name, ROOT).id
-    assert tenant_id is not None
-    key = registry.create_api_key(tenant_id, "tenant", ROOT)[1]
-    return tenant_id, {"authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
 def acme(registry: Registry, built: tuple[Path, Path, Path]) -> tuple[int, dict[str, str]]:
     """Tenant acme with adapter bot: version 1 in production, version 2 pushed."""
-    tenant_id, headers = _tenant(registry, "acme")
+    tenant_id, headers = tenant_with_key(registry, "acme")
     registry.register_base(built[0], "tiny", "r1", ROOT)
     registry.push_adapter(tenant_id, "bot", built[1], "tiny", ROOT)
     registry.promote(tenant_id, "bot", 1, ROOT)
@@ -121,7 +114,7 @@ def test_the_admin_acts_for_a_named_tenant(
 def test_a_foreign_adapter_answers_exactly_like_an_unknown_one(
     registry: Registry, client: TestClient, acme: tuple[int, dict[str, str]]
 ) -> None:
-    _, globex = _tenant(registry, "globex")
+    _, globex = tenant_with_key(registry, "globex")
     for method, path, json in [
         ("GET", "shadow", None),
         ("POST", "shadow", {"version": 2, "share": 0.5}),

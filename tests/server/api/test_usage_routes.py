@@ -14,17 +14,10 @@ from fastapi.testclient import TestClient
 from registry import Actor, Registry
 from server.api import usage_routes
 from server.gateway.app import install_error_handlers
-from tests.server.api.conftest import client_for
+from tests.server.api.conftest import client_for, tenant_with_key
 
 ROOT = Actor("test-root", admin=True)
 DAY = dt.date(2025, 11, 30)
-
-
-def _tenant(registry: Registry, name: str) -> tuple[int, dict[str, str]]:
-    tenant_id = registry.create_tenant(name, ROOT).id
-    assert tenant_id is not None
-    key = registry.create_api_key(tenant_id, "tenant", ROOT)[1]
-    return tenant_id, {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture
@@ -32,8 +25,8 @@ def site(registry: Registry) -> tuple[TestClient, dict[str, dict[str, str]]]:
     """acme: bot v1 and v2 on two days, and the base model; globex: its own bot."""
     client = client_for(registry, usage_routes.routes)
     install_error_handlers(client.app)  # type: ignore[arg-type]
-    acme, acme_key = _tenant(registry, "acme")
-    globex, globex_key = _tenant(registry, "globex")
+    acme, acme_key = tenant_with_key(registry, "acme")
+    globex, globex_key = tenant_with_key(registry, "globex")
     book = registry.record_usage
     book(acme, "bot", 1, requests=3, prompt_tokens=30, completion_tokens=12, day=DAY)
     book(acme, "bot", 2, requests=1, prompt_tokens=5, completion_tokens=2, errors=1, day=DAY)
