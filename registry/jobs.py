@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import JSON, text
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from registry import lifecycle
+from registry import audit, lifecycle
 from registry.adapter_names import check_adapter_name
 from registry.errors import GateFailed, InvalidRequest, NotFound
 from registry.models import (
@@ -301,6 +301,7 @@ class JobStore(Store):
             job.status, job.finished_at = CANCELLED, utcnow()
             s.add(job)
             s.add(FineTuningEvent(job_id=job_id, message="Job cancelled"))
+            _audit_end(s, job)
         return job
 
     # -- events and checkpoints ----------------------------------------------------
@@ -431,6 +432,7 @@ class JobStore(Store):
         job.status = status
         s.add(job)
         s.add(FineTuningEvent(job_id=job.id, message=f"Job {status}", data=job.error))
+        _audit_end(s, job)
 
     def complete(self, job_id: str, worker_id: str, trained: TrainedVersion) -> str | None:
         """Register, score and promote the trained version and succeed the job, in one
@@ -526,3 +528,14 @@ class JobStore(Store):
         s.add(job)
         message = f"{lost}; job {'failed' if job.status == FAILED else 're-queued'}"
         s.add(FineTuningEvent(job_id=job.id, level="warn", message=message))
+        if job.status == FAILED:
+            _audit_end(s, job)
+
+
+def _audit_end(s: Session, job: FineTuningJob) -> None:
+    """The audit event of a job's end (``fine_tuning.job.<status>``: the event log's)."""
+    after = {"status": job.status, "fine_tuned_model": job.fine_tuned_model, "error": job.error}
+    action = f"fine_tuning.job.{job.status}"
+    audit.record(
+        s, job_actor(job.id).name, action, f"job:{job.id}", tenant_id=job.tenant_id, after=after
+    )

@@ -14,6 +14,7 @@ import registry.jobs
 import registry.models
 import registry.retraining
 import registry.shadow
+import registry.webhooks
 import registry.workers  # noqa: F401  (each registers its tables on SQLModel.metadata)
 
 database = context.config.attributes["database"]
