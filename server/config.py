@@ -210,6 +210,33 @@ class Settings:
     gateway has out at once; more are dropped and counted, never queued. 0 turns shadow
     traffic off on this gateway."""
 
+    webhook_allow: list[str] = field(default_factory=list)
+    """Comma-separated host names and CIDRs webhooks may target although the SSRF guard
+    refuses them (loopback, private, link-local... addresses), plain ``http`` included.
+    Empty: webhooks go only to ``https`` URLs whose every address is public."""
+
+    webhook_max_attempts: int = 8
+    """Attempts at delivering one webhook message before it is ``dead`` (redeliver it by
+    hand then)."""
+
+    webhook_backoff: float = 1.0
+    """Seconds before a failed webhook delivery's second attempt, doubling after each
+    further failure up to ``webhook_backoff_max``."""
+
+    webhook_backoff_max: float = 300.0
+    """Longest wait in seconds between two attempts at one webhook message."""
+
+    webhook_timeout: float = 10.0
+    """Seconds one webhook delivery may take (connect, send, answer) before it counts as
+    failed."""
+
+    webhook_max_per_tenant: int = 20
+    """Webhook subscriptions one tenant may have."""
+
+    webhook_interval: float = 1.0
+    """Seconds between a gateway's looks at the event log and the delivery queue while
+    nothing is due."""
+
     log_level: str = "info"
     """Log level: debug, info, warning or error."""
 
@@ -284,8 +311,12 @@ class Settings:
             "redis_timeout",
             "fair_queue_timeout",
             "drift_interval",
+            "webhook_timeout",
+            "webhook_interval",
+            "webhook_backoff_max",
         ):
             check(getattr(self, name) > 0, name, "must be positive")
+        check(self.webhook_backoff >= 0, "webhook_backoff", "must be 0 or more")
         check(0.0 <= self.drift_threshold <= 1.0, "drift_threshold", "must be in [0, 1]")
         for name in (
             "engine_kv_cache_bytes",
@@ -307,6 +338,8 @@ class Settings:
             "max_upload_bytes",
             "engine_replicas",
             "adapter_cache_bytes",
+            "webhook_max_attempts",
+            "webhook_max_per_tenant",
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.max_cpu_loras >= self.max_loras, "max_cpu_loras", "must be >= max_loras")
