@@ -11,6 +11,7 @@ import dataclasses
 import importlib.metadata
 import itertools
 import os
+import re
 import secrets
 import typing
 import urllib.parse
@@ -436,6 +437,19 @@ def redis_url_problem(url: str) -> str:
     if database and not database.isdigit():
         return f"{url!r}: the database after the host must be a number, not {database!r}"
     return ""
+
+
+SECRET_SETTINGS = ("engine_api_key", "metrics_token")
+"""Settings that are credentials whole: shown only as set or not."""
+
+
+def masked(value: object) -> str:
+    """``value`` as shown to people: a password inside a URL (``scheme://user:PASSWORD@host``)
+    replaced by ``***``, in every setting, so ``loraplex config`` and logs leak none."""
+    text = str(value)
+    if "://" not in text or "@" not in text:
+        return text
+    return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", text)
 
 
 def env_name(field_name: str) -> str:

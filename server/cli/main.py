@@ -25,12 +25,14 @@ from server.cli import shadow_commands as shadow_cli
 from server.cli import usage_commands as usage_cli
 from server.cli import worker_commands as worker_cli
 from server.config import (
+    SECRET_SETTINGS,
     Settings,
     SettingsError,
     add_settings_flags,
     env_name,
     field_docs,
     load_settings,
+    masked,
 )
 
 Handler = Callable[[argparse.Namespace], int]
@@ -104,9 +106,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     docs = field_docs()
     for f in dataclasses.fields(Settings):
         value = getattr(settings, f.name)
-        if f.name in ("engine_api_key", "metrics_token") and value:
-            value = "(set)"
-        print(f"{env_name(f.name):34} {value!s:28} {docs.get(f.name, '')}")
+        shown = "(set)" if f.name in SECRET_SETTINGS and value else masked(value)
+        print(f"{env_name(f.name):34} {shown:28} {docs.get(f.name, '')}")
     return 0
 
 

@@ -119,3 +119,30 @@ def test_on_gpus_vllm_sizes_the_steps_and_prompts_in_flight_are_unbounded(
     )
     with pytest.raises(SettingsError, match="LORAPLEX_ENGINE_STEP_TOKENS"):
         Settings(engine_step_tokens=-1).validate()
+
+
+def test_passwords_inside_urls_are_masked_everywhere_shown() -> None:
+    from server.config import masked
+
+    assert masked("postgresql+psycopg://app:s3cr:et@db:5432/x") == (
+        "postgresql+psycopg://app:***@db:5432/x"
+    )
+    assert masked("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert masked("http://user@host/x") == "http://user@host/x"  # a user, no password
+    assert masked("sqlite:///home/registry.db") == "sqlite:///home/registry.db"
+    assert masked(4) == "4"
+
+
+def test_loraplex_config_prints_no_credential(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli.main import main
+
+    env = {"LORAPLEX_DATABASE_URL": "postgresql://app:s3cret@db/x",
+           "LORAPLEX_REDIS_URL": "redis://:hunter2@127.0.0.1:6379/0",
+           "LORAPLEX_METRICS_TOKEN": "tok-123"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "hunter2" not in out and "tok-123" not in out
+    assert "postgresql://app:***@db/x" in out
