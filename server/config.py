@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import itertools
+import json
 import os
 import re
 import secrets
@@ -93,7 +94,10 @@ class Settings:
     """vLLM ``--max-model-len``: longest prompt + completion an engine accepts."""
 
     engine_dtype: str = "auto"
-    """vLLM ``--dtype``. ``auto`` is bfloat16 on the CPU build; float32 reproduces PEFT exactly."""
+    """vLLM ``--dtype``. ``auto``: the dtype the base was saved in (its ``config.json``), so a
+    float32 base serves in float32 and reproduces PEFT's greedy output exactly (vLLM's own
+    ``auto`` serves float32 bases in bfloat16 on the CPU build); bfloat16 halves the
+    weights' memory at that cost."""
 
     engine_step_tokens: int = 0
     """Tokens one engine step computes at most (vLLM ``--max-num-batched-tokens``). No
@@ -258,6 +262,14 @@ class Settings:
     @property
     def resolved_served_model_name(self) -> str:
         return self.served_model_name or self.resolved_base_model.name
+
+    def resolved_engine_dtype(self) -> str:
+        """The ``--dtype`` for started engines: ``engine_dtype``, or with ``auto`` the base's
+        saved dtype when it names one vLLM takes (else vLLM's own ``auto``)."""
+        if self.engine_dtype != "auto":
+            return self.engine_dtype
+        saved = saved_dtype(self.resolved_base_model)
+        return saved if saved in ("float32", "bfloat16", "float16") else "auto"
 
     def resolved_step_tokens(self) -> int:
         """The ``--max-num-batched-tokens`` for started engines; 0 leaves vLLM's own (GPU)."""
@@ -450,6 +462,17 @@ def masked(value: object) -> str:
     if "://" not in text or "@" not in text:
         return text
     return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", text)
+
+
+def saved_dtype(model_dir: Path) -> str | None:
+    """The dtype a Hugging Face model directory's ``config.json`` says its weights are in
+    (``torch_dtype``, or ``dtype`` in newer transformers); None if it says none."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def env_name(field_name: str) -> str:

@@ -45,7 +45,7 @@ def engine_command(settings: Settings, port: int) -> list[str]:
         "--port",
         str(port),
         "--dtype",
-        settings.engine_dtype,
+        settings.resolved_engine_dtype(),
         "--max-model-len",
         str(settings.engine_max_model_len),
         "--gpu-memory-utilization",

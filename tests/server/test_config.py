@@ -146,3 +146,21 @@ def test_loraplex_config_prints_no_credential(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "s3cret" not in out and "hunter2" not in out and "tok-123" not in out
     assert "postgresql://app:***@db/x" in out
+
+
+def test_auto_dtype_is_the_dtype_the_base_was_saved_in(tmp_path: Path) -> None:
+    def dtype_of(settings: Settings) -> str:
+        cmd = engine_command(settings, 9000)
+        return cmd[cmd.index("--dtype") + 1]
+
+    for key, saved in (("dtype", "float32"), ("torch_dtype", "bfloat16")):
+        base = tmp_path / f"{key}-{saved}"
+        base.mkdir()
+        (base / "config.json").write_text(f'{{"{key}": "{saved}"}}')
+        assert dtype_of(Settings(base_model=base)) == saved
+        assert dtype_of(Settings(base_model=base, engine_dtype="float16")) == "float16"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"torch_dtype": "int8"}')
+    assert dtype_of(Settings(base_model=odd)) == "auto"  # vLLM's own choice
+    assert dtype_of(Settings(base_model=tmp_path / "missing")) == "auto"
