@@ -30,7 +30,7 @@ import uuid
 from typing import Annotated, Any
 
 import jsonschema
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from pydantic import BaseModel
 
 from registry import PRODUCTION, AdapterVersion, BaseModelRecord, Principal, Registry, lora_names
@@ -235,6 +235,14 @@ def list_files(principal: TenantPrincipal, store: Jobs) -> dict[str, Any]:
 @routes.get("/v1/files/{file_id}")
 def get_file(file_id: str, principal: TenantPrincipal, store: Jobs) -> dict[str, Any]:
     return file_json(store.get_file(_tenant_id(principal), file_id))
+
+
+@routes.get("/v1/files/{file_id}/content")
+def file_content(file_id: str, principal: TenantPrincipal, store: Jobs) -> Response:
+    """The file's bytes as uploaded (another tenant's or a deleted file: 404, like an
+    unknown one)."""
+    record = store.get_file(_tenant_id(principal), file_id)
+    return Response(store.file_content(record), media_type="application/octet-stream")
 
 
 # -- jobs --------------------------------------------------------------------------

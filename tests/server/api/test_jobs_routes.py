@@ -247,3 +247,23 @@ def test_missing_or_bad_keys_are_refused(http: TestClient, base: BaseModelRecord
         assert answer.status_code == 401
         assert answer.json()["error"]["code"] == "invalid_api_key"
         assert answer.json()["error"]["message"].startswith("Missing or malformed API key")
+
+
+def test_a_files_content_is_its_own_tenants_only(
+    acme: OpenAI, globex: OpenAI, registry: Registry
+) -> None:
+    content = jsonl(fixed_answer_records(3))
+    file_id = _upload(acme, content)
+    assert acme.files.content(file_id).read() == content
+    with pytest.raises(openai.NotFoundError) as foreign:
+        globex.files.content(file_id)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        globex.files.content("file-nothing")
+    assert str(foreign.value).replace(file_id, "X") == str(unknown.value).replace(
+        "file-nothing", "X"
+    )
+    tenant_id = registry.get_tenant("acme").id
+    assert tenant_id is not None
+    JobStore(registry).delete_file(tenant_id, file_id)
+    with pytest.raises(openai.NotFoundError):
+        acme.files.content(file_id)
