@@ -14,14 +14,17 @@ from server.api.completions_routes import routes as completions_router
 from server.api.datasets_routes import routes as datasets_router
 from server.api.drift_routes import routes as drift_router
 from server.api.erasure_routes import routes as erasure_router
+from server.api.events_routes import routes as events_router
 from server.api.jobs_routes import routes as jobs_router
 from server.api.registry_routes import routes as registry_router
 from server.api.retraining_routes import routes as retraining_router
 from server.api.usage_routes import routes as usage_router
+from server.api.webhook_routes import routes as webhook_router
 from server.config import Settings
 from server.gateway.app import create_gateway
 from server.gateway.engines import EngineSupervisor
 from server.gateway.replicas import Engine
+from server.webhooks import attach as attach_webhooks
 
 
 def create_app(
@@ -41,4 +44,7 @@ def create_app(
     app.include_router(datasets_router)
     app.include_router(drift_router)
     app.include_router(usage_router)
+    app.include_router(events_router)
+    app.include_router(webhook_router)
+    attach_webhooks(app, settings, registry)  # the SSRF guard, and the deliverer's loop
     return app
