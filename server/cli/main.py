@@ -23,6 +23,7 @@ from server.cli import registry_commands as registry_cli
 from server.cli import retraining_commands as retraining_cli
 from server.cli import shadow_commands as shadow_cli
 from server.cli import usage_commands as usage_cli
+from server.cli import webhook_commands as webhook_cli
 from server.cli import worker_commands as worker_cli
 from server.config import (
     SECRET_SETTINGS,
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     retraining_cli.add_commands(sub)
     erasure_cli.add_commands(sub)
     dataset_cli.add_commands(sub)
+    webhook_cli.add_commands(sub)
     return parser
 
 
