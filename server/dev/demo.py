@@ -14,8 +14,6 @@ fine-tuning API (``loraplex worker``).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,79 +21,35 @@ from pathlib import Path
 import httpx
 from openai import NotFoundError, OpenAI
 
-from registry import TENANT_SCOPE, Actor, LocalBlobStore, NotFound, Registry
+from server.dev.demo_loop import run_turn
+from server.dev.demo_site import (
+    HOME,
+    demo_registry,
+    say,
+    start_server,
+    start_worker,
+    tenant_key,
+    wait_ready,
+)
 from server.dev.fleet import free_port
-from server.dev.process import Process, ProcessFailed
-
-HOME = Path(os.environ.get("LORAPLEX_HOME", ".loraplex"))
-OPERATOR = Actor("demo:operator", admin=True)
-
-
-def _say(line: str) -> None:
-    print(f"\033[1m==> {line}\033[0m", flush=True)
-
-
-def start_server(base: Path, port: int, log_path: Path) -> Process:
-    loraplex = Path(sys.executable).with_name("loraplex")
-    cmd = [
-        str(loraplex),
-        "serve",
-        "--home",
-        str(HOME),
-        "--base-model",
-        str(base),
-        "--port",
-        str(port),
-        "--engine-port",
-        str(free_port()),
-        "--engine-dtype",
-        "float32",
-        "--engine-memory-fraction",
-        "0.1",
-    ]
-    return _demo_process("loraplex serve", cmd, log_path)
-
-
-def _demo_process(name: str, command: list[str], log_path: Path) -> Process:
-    # In its own process group a child no longer hears the terminal's Ctrl-C; it must
-    # still not outlive a demo that is killed outright.
-    return Process(name, command, log_path, dies_with_parent=True, grace=60).start()
-
-
-def wait_ready(url: str, server: Process) -> None:
-    started = time.monotonic()
-
-    def answering() -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return True
-        elapsed = time.monotonic() - started
-        print(f"\r    waiting for the vLLM engine to load the model... {elapsed:.0f} s", end="")
-        return False
-
-    try:
-        took = server.wait_ready(answering, timeout=900, interval=1)
-    except ProcessFailed as exc:
-        raise SystemExit(f"the server did not start: {exc}") from None
-    print(f"    ready after {took:.0f} s", flush=True)
 
 
 def show_requests(client: OpenAI, model: str) -> None:
-    _say(f"GET /v1/models -> {[m.id for m in client.models.list()]}")
+    say(f"GET /v1/models -> {[m.id for m in client.models.list()]}")
 
     prompt = "The cat sat on the"
     reply = client.completions.create(model=model, prompt=prompt, max_tokens=20, temperature=0)
-    _say(f"completion of {prompt!r}:")
+    say(f"completion of {prompt!r}:")
     print(f"    {prompt}{reply.choices[0].text}")
 
     question = "What color is the sky?"
     chat = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": question}], max_tokens=30, temperature=0
     )
-    _say(f"chat: {question!r}")
+    say(f"chat: {question!r}")
     print(f"    {chat.choices[0].message.content}")
 
-    _say("streamed chat: 'Tell me a story.'")
+    say("streamed chat: 'Tell me a story.'")
     print("    ", end="")
     stream = client.chat.completions.create(
         model=model,
@@ -111,22 +65,6 @@ def show_requests(client: OpenAI, model: str) -> None:
 
 
 TENANTS = {"acme": ("support-bot", 1), "globex": ("legal-bot", 2)}
-
-
-def demo_registry() -> Registry:
-    """The registry `loraplex serve` uses under the demo's home, opened as an operator would."""
-    return Registry(f"sqlite:///{(HOME / 'registry.db').resolve()}", LocalBlobStore(HOME / "blobs"))
-
-
-def tenant_key(registry: Registry, name: str) -> str:
-    """A fresh key for tenant ``name``, creating the tenant on the first run."""
-    try:
-        tenant = registry.get_tenant(name)
-    except NotFound:
-        tenant = registry.create_tenant(name, OPERATOR)
-    assert tenant.id is not None
-    _, key = registry.create_api_key(tenant.id, TENANT_SCOPE, OPERATOR)
-    return key
 
 
 def random_adapter(base: Path, dest: Path, seed: int) -> Path:
@@ -174,12 +112,12 @@ def show_tenants(url: str, base: Path, keys: dict[str, str]) -> None:
         key = keys[tenant]
         adapter = random_adapter(base, HOME / "demo-adapters" / adapter_name, seed)
         number = upload_and_promote(url, key, adapter_name, adapter, base.name)
-        _say(f"tenant {tenant}: uploaded {adapter_name} (stock PEFT files), promoted v{number}")
+        say(f"tenant {tenant}: uploaded {adapter_name} (stock PEFT files), promoted v{number}")
         clients[tenant] = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
     for tenant, (adapter_name, _) in TENANTS.items():
         client = clients[tenant]
         ids = [m.id for m in client.models.list()]
-        _say(f"tenant {tenant} sees models {ids}")
+        say(f"tenant {tenant} sees models {ids}")
         for model in (base.name, adapter_name):
             raw = client.completions.with_raw_response.create(
                 model=model, prompt=prompt, max_tokens=12, temperature=0
@@ -192,12 +130,12 @@ def show_tenants(url: str, base: Path, keys: dict[str, str]) -> None:
     try:
         clients["acme"].completions.create(model=other, prompt=prompt, max_tokens=4)
     except NotFoundError as exc:
-        _say(f"tenant acme asking for globex's {other!r}: 404 {exc.body}")
+        say(f"tenant acme asking for globex's {other!r}: 404 {exc.body}")
     time.sleep(1.5)  # usage is flushed once a second
     for tenant in TENANTS:
         rows = registry.usage(registry.get_tenant(tenant).id or 0)
         total = sum(r.prompt_tokens + r.completion_tokens for r in rows)
-        _say(
+        say(
             f"usage recorded for {tenant}: {total} tokens, {sum(r.requests for r in rows)} requests"
         )
     registry.close()
@@ -210,12 +148,6 @@ JOBS = {
 """Tenant -> (demo dataset behaviour, fine-tuned model name)."""
 
 HELD_OUT = ["What color is the kettle?", "Where is the owl?", "Do you like the bench?"]
-
-
-def start_worker(base: Path, log_path: Path) -> Process:
-    loraplex = Path(sys.executable).with_name("loraplex")
-    cmd = [str(loraplex), "worker", "--home", str(HOME), "--base-model", str(base)]
-    return _demo_process("loraplex worker", cmd, log_path)
 
 
 def fine_tune(url: str, base: Path, keys: dict[str, str]) -> dict[str, str]:
@@ -236,7 +168,7 @@ def fine_tune(url: str, base: Path, keys: dict[str, str]) -> dict[str, str]:
         job = client.fine_tuning.jobs.create(
             model=base.name, training_file=upload.id, suffix=suffix, seed=0, extra_body=extra
         )
-        _say(f"tenant {tenant}: uploaded {upload.filename}, started fine-tuning job {job.id}")
+        say(f"tenant {tenant}: uploaded {upload.filename}, started fine-tuning job {job.id}")
         jobs[tenant] = (client, job.id)
     started = time.monotonic()
     models: dict[str, str] = {}
@@ -245,7 +177,7 @@ def fine_tune(url: str, base: Path, keys: dict[str, str]) -> dict[str, str]:
             job = client.fine_tuning.jobs.retrieve(job_id)
             if job.status == "succeeded" and tenant not in models:
                 models[tenant] = str(job.fine_tuned_model)
-                _say(f"tenant {tenant}: job {job_id} succeeded -> model {job.fine_tuned_model!r}")
+                say(f"tenant {tenant}: job {job_id} succeeded -> model {job.fine_tuned_model!r}")
             elif job.status in ("failed", "cancelled"):
                 raise SystemExit(f"fine-tuning job {job_id} {job.status}: {job.error}")
         # Two jobs one after another, each with its learning-rate search: 10-13 min on 2 cores.
@@ -261,7 +193,7 @@ def show_trained(url: str, base: Path, keys: dict[str, str], models: dict[str, s
     registry = demo_registry()
     for tenant, model in models.items():
         client = OpenAI(base_url=url + "/v1", api_key=keys[tenant], max_retries=0)
-        _say(f"tenant {tenant}: {model} next to the base, on questions it was not trained on")
+        say(f"tenant {tenant}: {model} next to the base, on questions it was not trained on")
         for question in HELD_OUT:
             answers = []
             for name in (base.name, model):
@@ -284,15 +216,14 @@ def show_trained(url: str, base: Path, keys: dict[str, str], models: dict[str, s
 
 
 def main() -> int:
-    from server.dev.demo_loop import run_turn  # it imports this module's helpers
     from training.demo_base import build_demo_base
 
-    _say("building the demo base model (cached after the first run)")
+    say("building the demo base model (cached after the first run)")
     base = build_demo_base(HOME / "demo-base")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = HOME / "logs" / "demo-serve.log"
-    _say(f"starting `loraplex serve` on {url} (log: {log_path})")
+    say(f"starting `loraplex serve` on {url} (log: {log_path})")
     server = start_server(base, port, log_path)
     try:
         wait_ready(url, server)
@@ -304,7 +235,7 @@ def main() -> int:
         keys = {tenant: tenant_key(registry, tenant) for tenant in TENANTS}
         registry.close()
         show_tenants(url, base, keys)
-        _say(f"starting `loraplex worker` (log: {HOME / 'logs' / 'demo-worker.log'})")
+        say(f"starting `loraplex worker` (log: {HOME / 'logs' / 'demo-worker.log'})")
         worker = start_worker(base, HOME / "logs" / "demo-worker.log")
         try:
             models = fine_tune(url, base, keys)
@@ -313,9 +244,9 @@ def main() -> int:
         finally:
             worker.stop()
     finally:
-        _say("stopping the server and its engine")
+        say("stopping the server and its engine")
         server.stop()
-    _say("demo finished")
+    say("demo finished")
     return 0
 
 

@@ -33,11 +33,11 @@ import httpx
 from openai import OpenAI, omit
 
 from registry import ADMIN_SCOPE
-from server.dev.demo import (
+from server.dev.demo_site import (
     HOME,
     OPERATOR,
-    _say,
     demo_registry,
+    say,
     start_server,
     start_worker,
     tenant_key,
@@ -254,7 +254,7 @@ def open_turn(url: str, base: str) -> Turn:
 def enable_capture(turn: Turn) -> None:
     settings = {"enabled": True, "store_by_default": False, "retention_days": 30}
     api(turn.admin, "PUT", f"/admin/tenants/{TENANT}/capture", settings)
-    _say(f"admin: capture on for tenant {TENANT} (PUT /admin/tenants/{TENANT}/capture {settings})")
+    say(f"admin: capture on for tenant {TENANT} (PUT /admin/tenants/{TENANT}/capture {settings})")
 
 
 def start_job(turn: Turn, model: str, training_file: str) -> str:
@@ -367,7 +367,7 @@ def serve_with_feedback(turn: Turn, records: Sequence[dict[str, str]], tag: str)
     wait_stored(turn, tag, len(answers))
     ups = give_feedback(turn, answers)
     served = production(turn)
-    _say(
+    say(
         f"{len(answers)} live requests to {turn.name!r} (production v{served}) with store: true; "
         f"users gave {ups} thumbs up and corrected {len(answers) - ups} answers"
     )
@@ -425,12 +425,12 @@ def train_v1(turn: Turn) -> int:
     first = api(
         turn.http, "POST", f"/v1/datasets/{turn.name}/versions", {"training_file": upload.id}
     ).json()
-    _say(
+    say(
         f"tenant {TENANT}: dataset {turn.name!r} v{first['number']} from {upload.id}: "
         f"{first['examples']} support messages, deliberately without any {MISSING!r} ones"
     )
     job_id = start_job(turn, turn.base, first["file_id"])
-    _say(f"fine-tuning job {job_id} on dataset v1 (hyperparameters: {HYPERPARAMETERS or 'auto'})")
+    say(f"fine-tuning job {job_id} on dataset v1 (hyperparameters: {HYPERPARAMETERS or 'auto'})")
     number = wait_job(turn, job_id, "training v1")
     print(f"    {turn.job_events[number]}")
     if production(turn) != number:
@@ -448,7 +448,7 @@ def dataset_from_feedback(turn: Turn, served_by: int) -> str:
     made = api(turn.http, "POST", path, {"from_completions": wanted}).json()
     shown = api(turn.http, "GET", f"{path}/{made['number']}").json()
     diff = shown["diff"]
-    _say(
+    say(
         f"dataset {turn.name!r} v{shown['number']} (parent v{shown['parent']}) from the feedback "
         f"on v{served_by}'s answers: {shown['examples']} examples, "
         f"diff +{len(diff['added'])} -{len(diff['removed'])}"
@@ -461,9 +461,9 @@ def retrain(turn: Turn, file_id: str) -> int:
     """Gates on the adapter, then a job continuing production's weights; -> v2."""
     api(turn.http, "PUT", f"/v1/adapters/{turn.name}/gates", {"gates": GATES})
     shown = ", ".join(f"{g['suite']}/{g['metric']} >= {g['min_value']}" for g in GATES)
-    _say(f"gates on {turn.name!r}: {shown}")
+    say(f"gates on {turn.name!r}: {shown}")
     job_id = start_job(turn, turn.name, file_id)
-    _say(f"fine-tuning job {job_id}: model {turn.name!r} (continues production's weights)")
+    say(f"fine-tuning job {job_id}: model {turn.name!r} (continues production's weights)")
     number = wait_job(turn, job_id, "training v2")
     print(f"    {turn.job_events[number]}")
     return number
@@ -475,7 +475,7 @@ def shadow(turn: Turn, candidate: int) -> None:
     body = {"version": candidate, "share": 1.0}
     production_version = api(turn.http, "POST", path, body).json()["production_version"]
     time.sleep(ALIAS_FRESH_S)
-    _say(f"shadow: v{candidate} gets a copy of all of production v{production_version}'s traffic")
+    say(f"shadow: v{candidate} gets a copy of all of production v{production_version}'s traffic")
     sent = len(ask(turn, turn.name, turn.splits.shadow, None))
     results = wait_compared(turn, path, sent)
     print(
@@ -526,10 +526,10 @@ def promote(turn: Turn, candidate: int) -> bool:
     path = f"/v1/adapters/{turn.name}/promote"
     reply = api(turn.http, "POST", path, {"version": candidate}, allow=(409,))
     if reply.status_code == 409:
-        _say(f"POST {path}: refused by the gates")
+        say(f"POST {path}: refused by the gates")
         print("    " + reply.json().get("error", {}).get("message", reply.text))
         return False
-    _say(f"POST {path} -> the gates pass: production is now v{production(turn)}")
+    say(f"POST {path} -> the gates pass: production is now v{production(turn)}")
     time.sleep(ALIAS_FRESH_S)
     return True
 
@@ -590,7 +590,7 @@ def run_turn(url: str, base: str) -> list[tuple[str, str, str]]:
     """One turn of the loop on the server at ``url`` (a worker must be running); -> the
     side-by-side rows, also printed and written to ``HOME/demo-loop.md``."""
     turn = open_turn(url, base)
-    _say(f"one turn of the continuous fine-tuning loop: tenant {TENANT}, adapter {turn.name!r}")
+    say(f"one turn of the continuous fine-tuning loop: tenant {TENANT}, adapter {turn.name!r}")
     enable_capture(turn)
     v1 = train_v1(turn)
     answers = {v1: score_held_out(turn, v1)}
@@ -602,7 +602,7 @@ def run_turn(url: str, base: str) -> list[tuple[str, str, str]]:
         serve_with_feedback(turn, turn.splits.after, "after")
     rows = loop_rows(evals_by_version(turn), answers, v1, v2)
     head = ("", f"v{v1} (weak, production first)", f"v{v2} (retrained)")
-    _say(f"{turn.name}: v{v1} and v{v2} side by side")
+    say(f"{turn.name}: v{v1} and v{v2} side by side")
     print(side_by_side(rows, head))
     (HOME / "demo-loop.md").write_text(markdown_table(rows, head) + "\n")
     turn.http.close()
@@ -616,7 +616,7 @@ def main() -> int:
 
     base = build_demo_base(HOME / "demo-base")
     url = f"http://127.0.0.1:{free_port()}"
-    _say(f"starting `loraplex serve` on {url} and `loraplex worker` (logs: {HOME / 'logs'})")
+    say(f"starting `loraplex serve` on {url} and `loraplex worker` (logs: {HOME / 'logs'})")
     server = start_server(base, int(url.rsplit(":", 1)[1]), HOME / "logs" / "demo-serve.log")
     try:
         wait_ready(url, server)
@@ -626,7 +626,7 @@ def main() -> int:
         finally:
             worker.stop()
     finally:
-        _say("stopping the server, its engine and the worker")
+        say("stopping the server, its engine and the worker")
         server.stop()
     return 0
 
