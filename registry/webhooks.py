@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, UniqueConstraint, text
+from sqlalchemy import JSON, UniqueConstraint, func, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -261,7 +261,20 @@ class WebhookStore(Store):
 
     def fan_out(self) -> int:
         """Queue a delivery per new event and subscription; the number queued."""
+        if not self._events_to_fan_out():
+            return 0  # no write transaction (SQLite has one writer) while there is nothing
         return self._retrying(self._fan_out_once)
+
+    def _events_to_fan_out(self) -> bool:
+        with self._read() as s:
+            lowest = s.exec(select(func.min(WebhookSubscription.cursor))).first()
+            if lowest is None:
+                return False  # no subscription
+            newer = select(AuditEvent.id).where(col(AuditEvent.id) > lowest).limit(1)
+            expired = select(WebhookSubscription.id).where(
+                col(WebhookSubscription.previous_expires_at) <= utcnow()
+            )  # a rotated-out secret whose grace is over, to drop
+            return s.exec(newer).first() is not None or s.exec(expired.limit(1)).first() is not None
 
     def _fan_out_once(self) -> int:
         now, queued = utcnow(), 0
@@ -303,6 +316,9 @@ class WebhookStore(Store):
         """Take up to ``limit`` due deliveries for one attempt each, leased to ``owner``."""
         now = utcnow()
         claimed: list[Claimed] = []
+        with self._read() as s:
+            if not self._due(s, now, 1, lock=False):
+                return claimed  # nothing due: no write transaction
         with self._write() as s:
             for row in self._due(s, now, limit):
                 taken = s.execute(
@@ -320,7 +336,9 @@ class WebhookStore(Store):
                 claimed.append(self._claimed(s, row, now))
         return claimed
 
-    def _due(self, s: Session, now: dt.datetime, limit: int) -> list[WebhookDelivery]:
+    def _due(
+        self, s: Session, now: dt.datetime, limit: int, lock: bool = True
+    ) -> list[WebhookDelivery]:
         lease = col(WebhookDelivery.lease_expires_at)
         query = (
             select(WebhookDelivery)
@@ -329,9 +347,9 @@ class WebhookStore(Store):
             .order_by(col(WebhookDelivery.next_attempt_at))
             .limit(limit)
         )
-        if self.database.dialect.name == "postgresql":
+        if lock and self.database.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
-        # SQLite: this write transaction began IMMEDIATE, so no other writer runs until commit.
+        # SQLite: a write transaction began IMMEDIATE, so no other writer runs until commit.
         return list(s.exec(query).all())
 
     def _claimed(self, s: Session, row: WebhookDelivery, now: dt.datetime) -> Claimed:
