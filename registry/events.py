@@ -49,6 +49,13 @@ TYPES: dict[str, str] = {
     "fine_tuning.job.cancelled": "fine_tuning.job.cancelled",
 }
 """Audit action -> public event type (README "Events and webhooks" lists them)."""
+_ALIAS_OF = {
+    "adapter.promote": "production",
+    "adapter.rollback": "production",
+    "adapter.canary": "canary",
+    "adapter.shadow": "shadow",
+}
+"""The alias an alias-moving action points at a version."""
 ACTIONS = {event_type: action for action, event_type in TYPES.items()}
 EVENT_TYPES = tuple(sorted(ACTIONS))
 MAX_LIMIT = 1000
@@ -93,13 +100,26 @@ def event_data(row: AuditEvent) -> dict[str, Any]:
         if kind == "adapter":
             data["adapter"] = name
             if at is not None and at.isdigit():
-                data["version"] = int(at)
+                data["version"] = int(at)  # a version's own event (an upload)
         else:
             data["base"] = name if at is None else f"{name}@{at}"
     elif row.subject.startswith("job:"):
         data["job"] = row.subject.removeprefix("job:")
+    version = _version(row)
+    if version is not None and "version" not in data:
+        data["version"] = version
     data["before"], data["after"] = row.before, row.after
     return data
+
+
+def _version(row: AuditEvent) -> int | None:
+    """The adapter version an event is about, when the audit row says."""
+    after = row.after or {}
+    if isinstance(after.get("version"), int):  # a retirement, an archive, a drift alert
+        return int(after["version"])
+    alias = _ALIAS_OF.get(row.action)  # an alias move: the version it points at now
+    moved = (after.get("aliases") or {}).get(alias) if alias else None
+    return int(moved["version"]) if isinstance(moved, dict) and "version" in moved else None
 
 
 def public(types: list[str] | None) -> list[str]:

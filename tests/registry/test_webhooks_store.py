@@ -50,6 +50,8 @@ def test_events_are_read_after_a_cursor_and_only_by_their_tenant(
     created = mine[1].to_json()
     assert created["object"] == "event" and created["tenant"] == "acme"
     assert (created["data"]["adapter"], created["data"]["version"]) == ("bot", 1)
+    promoted = mine[2].data  # the version the alias points at now
+    assert (promoted["version"], promoted["after"]["aliases"]["production"]["version"]) == (1, 1)
     assert mine[0].tenant is None and mine[0].data["base"].startswith(BASE_NAME)
     assert [e.id for e in log.read(acme, after=mine[1].id)] == [mine[2].id]
     assert [e.type for e in log.read(globex)] == ["base.registered"]  # never acme's
