@@ -75,6 +75,24 @@ def test_streaming_usage_when_asked(client: OpenAI, base_name: str) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
 
 
+def test_chat_streaming_usage_when_asked(client: OpenAI, base_name: str) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=base_name,
+            messages=CHAT,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []  # OpenAI's last, usage-only chunk
+    generated = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert 0 < usage.completion_tokens <= 6 and generated
+    assert all(c.usage is None for c in chunks[:-1])
+
+
 def test_unknown_model_is_a_404_model_not_found(client: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)
