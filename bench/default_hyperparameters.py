@@ -3,7 +3,8 @@
 Each task (``training.demo_data``) is trained as a job with every hyperparameter left to
 ``auto`` would be (``training.auto``: epochs and batch size from the data's size, the
 learning rate from a short search) on the demo base, and scored on its own held-out test
-split: exact match against the base alone. Writes
+split: exact match against the base alone, once per training seed (the tiny demo base
+is sensitive to it). Writes
 ``bench/results/default_hyperparameters.json``.
 
 Run: ``.venv/bin/python -m bench.default_hyperparameters [--tasks format,persona,...]``
@@ -45,18 +46,20 @@ def _tasks() -> dict[str, Callable[[], bytes]]:
     }
 
 
-def measure(task: str, data: bytes, base: Path) -> dict[str, Any]:
+def measure(task: str, data: bytes, base: Path, seed: int = 0) -> dict[str, Any]:
     from training.auto import Auto
     from training.config import TrainConfig
     from training.pipeline import RunSpec, run_training
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="loraplex-defaults-") as out:
-        outcome = run_training(RunSpec(base, data, TrainConfig(), auto=Auto()), Path(out))
+        spec = RunSpec(base, data, TrainConfig(seed=seed), auto=Auto())
+        outcome = run_training(spec, Path(out))
     candidate, alone = outcome.metrics["candidate"], outcome.metrics["base"]
     config = outcome.choice.config
     return {
         "task": task,
+        "seed": seed,
         "examples": data.count(b"\n"),
         "picked": {"epochs": config.epochs, "batch_size": config.batch_size,
                    "learning_rate": config.learning_rate},
@@ -74,13 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tasks", default=",".join(_tasks()))
     parser.add_argument("--base", type=Path, default=Path(".loraplex/demo-base"))
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds per task")
     args = parser.parse_args(argv)
     base = build_demo_base(args.base)
     tasks = _tasks()
     rows = []
     for name in args.tasks.split(","):
-        rows.append(measure(name, tasks[name](), base))
-        print(json.dumps(rows[-1]), flush=True)
+        for seed in map(int, args.seeds.split(",")):
+            rows.append(measure(name, tasks[name](), base, seed))
+            print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "default_hyperparameters", "command": COMMAND,
               "machine": machine(), "tasks": rows}  # fmt: skip
     print(f"wrote {write_result('default_hyperparameters', result)}")

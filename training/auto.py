@@ -25,11 +25,6 @@ SEARCH_MULTIPLIERS = (1.0, 5.0, 25.0)
 """Learning rates tried, as multiples of the configured one."""
 SEARCH_STEPS = 24
 """Optimizer steps per search run (fewer when one epoch is shorter)."""
-MAX_EPOCHS = 12
-"""Most epochs ``auto`` picks. Capped at 6, a job on 152 support messages of two intents
-(128 training examples, 192 steps) ended answering one intent to every message (exact
-match 33 % of its test split); at the 10 epochs the rule gives (320 steps, about 1,200
-passes) it scored 100 % (2026-12-06, the demo base)."""
 SEARCH_VALIDATION = 64
 """Validation examples a search run is scored on (the first ones: the same for each)."""
 
@@ -73,12 +68,12 @@ class Picked:
 def sized(config: TrainConfig, auto: Auto, examples: int) -> TrainConfig:
     """Epochs and batch size for ``examples`` training examples, where left to auto.
 
-    About 1,200 examples' worth of passes (2 to ``MAX_EPOCHS`` epochs: small sets need
-    more passes to be learned, large ones overfit), and batches that grow with the data so
-    a large set does not take a step per handful of examples."""
+    About 1,200 examples' worth of passes (2 to 6 epochs: small sets need more passes to
+    be learned, large ones overfit), and batches that grow with the data so a large set
+    does not take a step per handful of examples."""
     overrides: dict[str, Any] = {}
     if auto.epochs:
-        overrides["epochs"] = max(2, min(MAX_EPOCHS, math.ceil(1200 / max(1, examples))))
+        overrides["epochs"] = max(2, min(6, math.ceil(1200 / max(1, examples))))
     if auto.batch_size:
         overrides["batch_size"] = 4 if examples < 500 else 8 if examples < 5000 else 16
     return config.with_overrides(overrides) if overrides else config
