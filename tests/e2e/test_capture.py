@@ -116,10 +116,12 @@ def _populated(
     return site
 
 
-def _wait_stored(client: OpenAI, completion_id: str) -> None:
+def _wait_stored(client: OpenAI, *completion_ids: str) -> None:
+    """Until every one is stored: captures are written after their answers, in the order
+    their answers ended, and a stream's may end after the next request's has."""
     deadline = time.monotonic() + STORED_WITHIN
-    while completion_id not in {c.id for c in client.chat.completions.list(limit=100)}:
-        assert time.monotonic() < deadline, f"{completion_id} was not stored"
+    while missing := set(completion_ids) - {c.id for c in client.chat.completions.list(limit=100)}:
+        assert time.monotonic() < deadline, f"{sorted(missing)} were not stored"
         time.sleep(0.2)
 
 
@@ -140,7 +142,7 @@ def test_stored_completions_are_listed_filtered_retrieved_updated_and_deleted(si
         "".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
     )
     last = _chat(client, site.base_name, store=True)
-    _wait_stored(client, last.id)
+    _wait_stored(client, plain.id, streamed_id, last.id)
 
     assert [c.id for c in client.chat.completions.list()] == [plain.id, streamed_id, last.id]
     assert [c.id for c in client.chat.completions.list(metadata={"topic": "billing"})] == [plain.id]
