@@ -313,6 +313,10 @@ class Relay:
         hide = self.route.hide
         kept = outcome.kept
         buffer = b""
+        done = False
+        """Whether the answer's last event, ``[DONE]``, has been relayed: the official
+        client closes the connection as soon as it reads it, often before the engine's
+        own end of stream arrives, and a whole answer is no failed request."""
         try:
             async for chunk in self.upstream.content.iter_any():
                 buffer += chunk
@@ -328,12 +332,14 @@ class Relay:
                     out = hide(out)
                     if kept is not None:
                         kept.add(out)
+                    done = done or _DONE in out
                     yield out
             if buffer.strip():
                 yield hide(buffer)
         except UpstreamError as exc:
             if self.client_gone:
-                outcome.error = "client_disconnected"
+                if not done:
+                    outcome.error = "client_disconnected"
                 return
             failure = classify(exc)
             outcome.error = failure.reason
@@ -343,6 +349,7 @@ class Relay:
             outcome.finish()
 
 
+_DONE = b"data: [DONE]"
 # Only a chunk carrying a usage object is parsed; the rest pass as bytes.
 _USAGE = re.compile(rb'"usage":\s*\{')
 

@@ -104,3 +104,38 @@ def test_base_model_answers_pass_unchanged() -> None:
     base = Route("tiny-llama", "acme", "f" * 64, "tiny-llama")
     data = b'{"model":"tiny-llama","note":"lx-0123456789abcdef"}'
     assert base.hide(data) == data and base.headers() == []
+
+
+class _GoneAfter(_Content):
+    """Engine events, then the connection closed under the relay (the client left)."""
+
+    def __init__(self, chunks: list[bytes], relay: list[proxy.Relay]) -> None:
+        super().__init__(chunks)
+        self.relay = relay
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        self.relay[0].client_gone = True  # what the relay's watcher sets on a disconnect
+        raise proxy.aiohttp.ClientPayloadError("connection closed")
+
+
+@pytest.mark.parametrize(("done_sent", "error"), [(True, ""), (False, "client_disconnected")])
+async def test_a_client_that_leaves_after_done_got_a_whole_answer(
+    done_sent: bool, error: str
+) -> None:
+    """The official client closes the connection once it reads ``[DONE]``, often before the
+    engine's end of stream reaches the gateway: that answer is whole (captured, not an
+    error); leaving before ``[DONE]`` is a disconnect."""
+    events = [b'data: {"choices": [{"text": "a"}]}\n\n']
+    if done_sent:
+        events.append(b"data: [DONE]\n\n")
+    upstream = FakeUpstream(200)
+    relays: list[proxy.Relay] = []
+    upstream.content = _GoneAfter(events, relays)
+    outcome = proxy.Outcome()
+    relay = proxy.stream(upstream, ROUTE, outcome, True)
+    relays.append(relay)
+    await run_asgi(relay)
+    assert (outcome.status, outcome.error) == (200, error)
+    assert outcome.finished_at is not None and upstream.released
