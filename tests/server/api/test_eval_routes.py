@@ -4,6 +4,7 @@ feedback, the ``since`` window, and a foreign adapter answered like an unknown o
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,9 @@ def test_online_metrics_are_recorded_and_shown_over_versions(
     assert all(e["suite"] == "online" and e["created_at"] for e in second["evals"])
     # A window that starts after today's usage began still counts today (usage is daily),
     # but no completion was served after it: nothing to say about feedback.
-    later = int(utcnow().timestamp()) + 3600
+    now = utcnow()
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    later = int(min(now.timestamp() + 3600, midnight.timestamp() - 1))  # still today (UTC)
     windowed = client.post(
         "/v1/adapters/bot/versions/2/evals/online", headers=headers, params={"since": later}
     ).json()
