@@ -119,13 +119,11 @@ class Resolver:
             raise model_not_found(model)
         user = body.get("user")
         sticky = user if isinstance(user, str) and user else f"key:{caller.principal.key_id}"
-        try:
-            choice = router.choose_version(view, ref, sticky)
-        except router.NoServableVersion:
-            view = await self._newer(caller, ref, view)
-            if view is None:
-                raise model_not_found(model) from None
-            choice = self._choose_again(view, ref, sticky, model)
+        choice = _choose(view, ref, sticky)
+        if choice is None and (newer := await self._newer(caller, ref, view)) is not None:
+            view, choice = newer, _choose(newer, ref, sticky)
+        if choice is None:
+            raise model_not_found(model)
         chosen = choice.version
         version = ServedVersion(ref.name, chosen.number, chosen.lora_name, choice.label)
         shadow = router.shadow_target(view, choice) if router.SHADOW in view.aliases else None
@@ -143,14 +141,13 @@ class Resolver:
             return None
         return await self.tenancy.routing_now(caller.tenant_id, ref.name)
 
-    @staticmethod
-    def _choose_again(
-        view: router.RoutingView, ref: router.ModelRef, sticky: str, model: str
-    ) -> router.Choice:
-        try:
-            return router.choose_version(view, ref, sticky)
-        except router.NoServableVersion:
-            raise model_not_found(model) from None
-
     async def _maybe_served(self, name: str) -> bool:
         return self.unidentified() and name in await self.tenancy.registered_base_names()
+
+
+def _choose(view: router.RoutingView, ref: router.ModelRef, sticky: str) -> router.Choice | None:
+    """The version ``ref`` resolves to in ``view``; None when none is servable there."""
+    try:
+        return router.choose_version(view, ref, sticky)
+    except router.NoServableVersion:
+        return None
