@@ -39,6 +39,7 @@ from registry.models import (
     PRODUCTION,
     SHADOW,
     AdapterVersion,
+    Alias,
     EvalResult,
     timestamp_column,
     utcnow,
@@ -213,9 +214,8 @@ class ShadowStore(Store):
             adapter = self._own_adapter(s, tenant_id, name)
             assert adapter.id is not None
             aliases = lifecycle.aliases(s, adapter.id)
-            shadow, production = aliases.get(SHADOW), aliases.get(PRODUCTION)
-            candidate = s.get(AdapterVersion, shadow.version_id) if shadow else None
-            current = s.get(AdapterVersion, production.version_id) if production else None
+            shadow = aliases.get(SHADOW)
+            candidate, current = _aliased(s, aliases, SHADOW), _aliased(s, aliases, PRODUCTION)
             result = self._result(s, candidate, current)
         return ShadowStatus(
             name,
@@ -237,12 +237,11 @@ class ShadowStore(Store):
             if number is None:
                 if SHADOW not in aliases:
                     raise Conflict("the adapter has no shadow alias; name the version to record")
-                candidate = s.get(AdapterVersion, aliases[SHADOW].version_id)
+                candidate = _aliased(s, aliases, SHADOW)
             else:
                 candidate = self._version(s, adapter, number)
             assert candidate is not None
-            production = aliases.get(PRODUCTION)
-            current = s.get(AdapterVersion, production.version_id) if production else None
+            current = _aliased(s, aliases, PRODUCTION)
             if current is None:
                 raise Conflict("the adapter has no production version the shadow compared with")
             row = self._result(s, candidate, current)
@@ -275,6 +274,12 @@ class ShadowStore(Store):
             return None
         job = s.get(FineTuningJob, production.training_job)
         return job.json_schema if job is not None else None
+
+
+def _aliased(s: Session, aliases: dict[str, Alias], name: str) -> AdapterVersion | None:
+    """The version alias ``name`` points at (None: no such alias)."""
+    alias = aliases.get(name)
+    return s.get(AdapterVersion, alias.version_id) if alias else None
 
 
 def _scores(row: ShadowResult) -> list[Score]:
