@@ -118,6 +118,9 @@ class AdapterVersion(SQLModel, table=True):
     library_versions: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
     parent_version_id: int | None = Field(default=None, foreign_key="adapter_versions.id")
     training_job: str | None = Field(default=None, max_length=128)
+    # A composed version's recipe: method, its parameters and every parent (adapter,
+    # version, fingerprint, weight); None for uploaded and trained versions.
+    composition: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     created_by: str = Field(default="", max_length=256)
     created_at: dt.datetime = timestamp_column()
 

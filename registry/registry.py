@@ -250,6 +250,7 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
         version.seed = provenance.seed
         version.library_versions = dict(provenance.library_versions)
         version.training_job = provenance.training_job
+        version.composition = provenance.composition
         if provenance.parent_version is not None:
             version.parent_version_id = self._version(s, adapter, provenance.parent_version).id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from registry.models import ADMIN_SCOPE, AdapterVersion, BaseModelRecord
 
@@ -66,6 +67,9 @@ class Provenance:
     """Number of the version of the same adapter this one was trained from."""
     training_job: str | None = None
     """Id of the training job that produced it."""
+    composition: dict[str, Any] | None = None
+    """How it was composed from other versions (``training.compose``): method, its
+    parameters and the parents with their weights; None when it was not."""
 
 
 @dataclass(frozen=True)
