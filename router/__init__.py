@@ -5,6 +5,19 @@ Time comes in as an argument and randomness as a stable hash, so every
 decision is reproducible in a unit test.
 """
 
+from router.content import (
+    Classifier,
+    InvalidRoutingPolicy,
+    RequestText,
+    RoutingDecision,
+    RoutingPolicy,
+    RoutingReason,
+    RoutingRule,
+    accuracy,
+    answer_probability,
+    confusion,
+    label_text,
+)
 from router.fairness import PRIORITY_LEVELS, FairQueue, Ticket
 from router.health import HealthConfig, ReplicaHealth, Transition
 from router.limits import (
@@ -58,12 +71,14 @@ __all__ = [
     "AliasTarget",
     "AlreadySettled",
     "Choice",
+    "Classifier",
     "Denied",
     "DenyReason",
     "FairQueue",
     "HashRing",
     "HealthConfig",
     "InvalidModelName",
+    "InvalidRoutingPolicy",
     "Limiter",
     "ModelRef",
     "NoReplica",
@@ -75,6 +90,11 @@ __all__ = [
     "Replica",
     "ReplicaHealth",
     "ReplicaLike",
+    "RequestText",
+    "RoutingDecision",
+    "RoutingPolicy",
+    "RoutingReason",
+    "RoutingRule",
     "RoutingView",
     "ShadowTarget",
     "TenantLimits",
@@ -83,8 +103,12 @@ __all__ = [
     "Transition",
     "VersionState",
     "VersionView",
+    "accuracy",
+    "answer_probability",
     "canary_bucket",
     "choose_version",
+    "confusion",
+    "label_text",
     "parse_model_name",
     "shadow_target",
 ]

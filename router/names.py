@@ -61,7 +61,7 @@ def parse_model_name(model: str, base_names: Container[str]) -> ModelRef:
     Raises:
         InvalidModelName: the string cannot name a base, an adapter or a version.
     """
-    _check_characters(model)
+    check_characters(model)
     if model in base_names:
         return ModelRef(RefKind.BASE, model)
     match = _ADAPTER_RE.fullmatch(model)
@@ -78,7 +78,8 @@ def parse_model_name(model: str, base_names: Container[str]) -> ModelRef:
     return ModelRef(RefKind.ADAPTER, name)
 
 
-def _check_characters(model: str) -> None:
+def check_characters(model: str) -> None:
+    """Raise ``InvalidModelName`` for an empty, overlong or control-character name."""
     if not model:
         raise InvalidModelName("model name is empty: name the base model or one of your adapters")
     if len(model) > MAX_MODEL_NAME_LENGTH:
