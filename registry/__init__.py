@@ -36,6 +36,15 @@ from registry.models import (
     Usage,
 )
 from registry.registry import Registry
+from registry.routed_models import (
+    ROUTING_SUITE,
+    LiveRoutedModel,
+    RoutedModelInfo,
+    RoutedModelStore,
+    RoutedVersion,
+    RoutingEval,
+    RoutingGate,
+)
 from registry.tenancy import tenant_ref
 from registry.values import (
     Actor,
@@ -52,6 +61,7 @@ __all__ = [
     "CANARY",
     "DATABASE_DOWN",
     "PRODUCTION",
+    "ROUTING_SUITE",
     "SHADOW",
     "TENANT_SCOPE",
     "Actor",
@@ -70,6 +80,7 @@ __all__ = [
     "GateFailed",
     "InvalidLimits",
     "InvalidRequest",
+    "LiveRoutedModel",
     "LocalBlobStore",
     "NotFound",
     "PermissionDenied",
@@ -77,6 +88,11 @@ __all__ = [
     "Provenance",
     "Registry",
     "RegistryError",
+    "RoutedModelInfo",
+    "RoutedModelStore",
+    "RoutedVersion",
+    "RoutingEval",
+    "RoutingGate",
     "RoutingView",
     "S3BlobStore",
     "Tenant",

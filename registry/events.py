@@ -44,6 +44,11 @@ TYPES: dict[str, str] = {
     "adapter.drift_cleared": "adapter.drift.cleared",
     "base.register": "base.registered",
     "base.deprecate": "base.deprecated",
+    "routed_model.save": "routed_model.version.created",
+    "routed_model.promote": "routed_model.promoted",
+    "routed_model.rollback": "routed_model.rolled_back",
+    "routed_model.delete": "routed_model.deleted",
+    "routed_model.gates": "routed_model.gates.updated",
     "fine_tuning.job.succeeded": "fine_tuning.job.succeeded",
     "fine_tuning.job.failed": "fine_tuning.job.failed",
     "fine_tuning.job.cancelled": "fine_tuning.job.cancelled",
@@ -62,7 +67,7 @@ MAX_LIMIT = 1000
 SETTLE = dt.timedelta(seconds=30)
 """How long an event may take to commit after its id was given out, at most."""
 _SUBJECT = re.compile(
-    r"^(?P<kind>adapter|base):(?:(?P<owner>[^/]+)/)?(?P<name>[^@]+)(?:@(?P<at>.+))?$"
+    r"^(?P<kind>adapter|base|routed_model):(?:(?P<owner>[^/]+)/)?(?P<name>[^@]+)(?:@(?P<at>.+))?$"
 )
 
 
@@ -97,10 +102,10 @@ def event_data(row: AuditEvent) -> dict[str, Any]:
     found = _SUBJECT.match(row.subject)
     if found is not None:
         kind, name, at = found["kind"], found["name"], found["at"]
-        if kind == "adapter":
-            data["adapter"] = name
+        if kind in ("adapter", "routed_model"):
+            data[kind] = name
             if at is not None and at.isdigit():
-                data["version"] = int(at)  # a version's own event (an upload)
+                data["version"] = int(at)  # a version's own event (an upload, a save)
         else:
             data["base"] = name if at is None else f"{name}@{at}"
     elif row.subject.startswith("job:"):

@@ -35,6 +35,7 @@ from registry.models import (
     PromotionGate,
     Tenant,
 )
+from registry.routed_models import refuse_routed_model_name
 from registry.serving import ServingMixin
 from registry.store import unknown_adapter
 from registry.tenancy import TenancyMixin
@@ -210,6 +211,7 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
         weights if there is one. A concurrent push of the same weights can make the
         transaction fail with ``IntegrityError``: run it again (``Store._retrying``)."""
         tenant_id, name = staged.tenant_id, staged.name
+        refuse_routed_model_name(s, tenant_id, name)  # one model name, one thing
         adapter = self._adapter(s, tenant_id, name, lock=True, create=True)
         same = self._version_by_fingerprint(s, tenant_id, name, staged.columns["fingerprint"])
         if same is not None:

@@ -13,6 +13,7 @@ import registry.erasures
 import registry.jobs
 import registry.models
 import registry.retraining
+import registry.routed_models
 import registry.shadow
 import registry.webhooks
 import registry.workers  # noqa: F401  (each registers its tables on SQLModel.metadata)
