@@ -45,6 +45,7 @@ from registry import (
 from registry.eval_history import eval_history
 from registry.online_metrics import record_online_metrics
 from server.api.auth import registry_of, require_admin, require_tenant
+from server.api.composition_routes import add_composition_routes
 from server.api.shadow_routes import add_shadow_routes
 from server.errors import APIError
 
@@ -77,6 +78,7 @@ def version_json(v: AdapterVersion) -> dict[str, Any]:
             "seed": v.seed,
             "library_versions": v.library_versions,
             "training_job": v.training_job,
+            "composition": v.composition,
         },
     }
 
@@ -333,6 +335,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., AdapterScope]) -> APIR
     _add_quality_routes(adapter_routes, scope_dep)
     _add_eval_history_routes(adapter_routes, scope_dep)
     add_shadow_routes(adapter_routes, scope_dep)
+    add_composition_routes(adapter_routes, scope_dep, version_json)
     return adapter_routes
 
 
