@@ -27,6 +27,7 @@ import router
 from registry import Registry
 from registry.captures import CaptureStore
 from registry.drift import DriftStore
+from registry.routed_models import RoutedModelStore
 from registry.shadow import ShadowStore
 from server.config import Settings
 from server.errors import APIError, install_api_error_handler, unhandled_response
@@ -34,6 +35,7 @@ from server.gateway import loops, openai_routes, ops_routes
 from server.gateway.accounting import Accounting
 from server.gateway.bases import Identifier
 from server.gateway.capture import Capture
+from server.gateway.content_routing import ContentRouter
 from server.gateway.discovery import Discovery
 from server.gateway.drift import DriftBook
 from server.gateway.engines import EngineSupervisor
@@ -131,6 +133,7 @@ def create_gateway(
     app.state.capture_store = capture.store
     app.state.drift_threshold = settings.drift_threshold
     app.state.lifecycle_hooks = WarmupHooks(registry, replicas, forwarder)
+    app.state.content_router = inference.resolver.content
     return app
 
 
@@ -146,9 +149,10 @@ def _inference(
     metrics = forwarder.metrics
     limiter = router.Limiter()
     shared = SharedLimiter.from_settings(settings, limiter, metrics.limit_store_errors)
+    content = ContentRouter(RoutedModelStore(registry), tenancy, replicas, forwarder, usage)
     return Inference(
         tenancy,
-        Resolver(tenancy, replicas.bases, replicas.unidentified),
+        Resolver(tenancy, replicas.bases, replicas.unidentified, content),
         Accounting(limiter, usage, metrics, settings.max_tokens_limit, shared),
         replicas,
         forwarder,

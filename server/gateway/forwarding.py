@@ -90,6 +90,20 @@ class Forwarder:
         assert last is not None
         raise last
 
+    async def ask(
+        self, candidates: list[Engine], path: str, body: dict[str, Any]
+    ) -> tuple[int, bytes, Engine]:
+        """A whole answer the gateway reads itself (a shadow copy, a classifier's label): its
+        status and body, from the first engine that takes it, counted in flight meanwhile."""
+        upstream, engine = await self.open(candidates, path, body)
+        engine.in_flight += 1
+        try:
+            content = await upstream.read()
+        finally:
+            upstream.release()
+            engine.in_flight -= 1
+        return upstream.status, content, engine
+
 
 def _client(settings: Settings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(

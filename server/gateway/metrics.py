@@ -79,6 +79,7 @@ class Metrics:
         self._add_engine_metrics()
         self._add_capture_metrics()
         self._add_shadow_metrics()
+        self._add_routing_metrics()
         self.in_flight = Gauge(
             "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
         )
@@ -185,6 +186,33 @@ class Metrics:
         )
         self.shadow_copies_of = Children(self.shadow_copies)
         self.shadow_tokens_of = Children(self.shadow_tokens)
+
+    def _add_routing_metrics(self) -> None:
+        r = self.registry
+        self.routing_decisions = Counter(
+            "loraplex_routing_decisions",
+            "Routed-model decisions, by tenant, routed model, reason (rule, classifier, "
+            "default, fallback: the classifier gave no usable label), label and target.",
+            ["tenant", "routed_model", "reason", "label", "target"],
+            registry=r,
+        )
+        self.routing_rule_timeouts = Counter(
+            "loraplex_routing_rule_timeouts",
+            "Routing rules whose pattern ran out of time on a request (counted as no match).",
+            ["tenant", "routed_model"],
+            registry=r,
+        )
+        self.routing_classifier_seconds = Histogram(
+            "loraplex_routing_classifier_seconds",
+            "Time a routed model's classifier decision took, by outcome (answered, cached: "
+            "an identical prompt's label reused, failed: the default was used).",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.routing_decisions_of = Children(self.routing_decisions)
+        self.routing_rule_timeouts_of = Children(self.routing_rule_timeouts)
+        self.routing_classifier_seconds_of = Children(self.routing_classifier_seconds)
 
     def forget_engine(self, engine: str) -> None:
         """Drop a departed engine's series, so dashboards stop showing it as down."""

@@ -45,7 +45,9 @@ def add(
     async def models(request: Request) -> dict[str, Any]:
         caller = await tenancy.authenticate(request.headers.get("authorization", ""))
         adapters = await tenancy.servable_adapters(caller.tenant_id)
-        return {"object": "list", "data": model_list(bases, adapters, created)}
+        content = inference.resolver.content
+        routed = await content.names(caller.tenant_id) if content is not None else []
+        return {"object": "list", "data": model_list(bases, adapters, created, routed)}
 
     # Request-body schemas for the docs and the fuzzer only: nothing validates against them.
     base_name, limit = settings.resolved_served_model_name, settings.max_tokens_limit
@@ -61,13 +63,18 @@ def add(
 
 
 def model_list(
-    bases: Mapping[str, str], adapters: list[tuple[str, str]], created: int
+    bases: Mapping[str, str],
+    adapters: list[tuple[str, str]],
+    created: int,
+    routed: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """``/v1/models``'s entries: every served base, then each of the caller's adapters whose
-    base is served, with ``parent`` and ``root`` naming that base as vLLM's own list does."""
+    base is served, with ``parent`` and ``root`` naming that base as vLLM's own list does,
+    then the caller's routed models (no one base: no parent, their own root)."""
     name_of = {fingerprint: name for name, fingerprint in bases.items()}
     entries: list[tuple[str, str | None]] = [(name, None) for name in sorted(bases)]
     entries += [(a, name_of[fp]) for a, fp in adapters if fp in name_of]
+    entries += [(name, None) for name in routed or []]
     return [
         {
             "id": name,

@@ -7,14 +7,19 @@ namespace included, is the same 404, so nothing reveals what other tenants own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import router
 from registry import lora_names
 from server.errors import APIError, model_not_found
+from server.gateway.routed import RoutedChoice, RoutedModel
 from server.gateway.tenancy import Caller, Tenancy
+
+if TYPE_CHECKING:  # content_routing calls engines through the proxy, which imports this
+    from server.gateway.content_routing import ContentRouter
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -50,6 +55,8 @@ class Route:
     shadow: router.ShadowTarget | None = None
     """The candidate that may get a copy of this request (a production request of an
     adapter with a ``shadow`` alias: ``server.gateway.shadow``)."""
+    routed: RoutedChoice | None = None
+    """What the routed model the client named decided, when it named one."""
 
     @property
     def lora_name(self) -> str | None:
@@ -70,13 +77,15 @@ class Route:
         return lora_names.hide(data, self.version.lora_name, self.requested_model)
 
     def headers(self) -> RawHeaders:
-        """The adapter headers of an answer, as ASGI raw headers."""
+        """The adapter (and routing) headers of an answer, as ASGI raw headers."""
+        routed = self.routed.headers() if self.routed is not None else []
         if self.version is None:
-            return []
+            return routed
         return [
             (b"x-loraplex-adapter", self.version.adapter.encode()),
             (b"x-loraplex-version", str(self.version.number).encode()),
             (b"x-loraplex-route", self.version.label.encode()),
+            *routed,
         ]
 
 
@@ -89,13 +98,31 @@ def base_unreachable() -> APIError:
     return APIError(503, NO_ENGINE, code="no_engine", headers={"Retry-After": "5"})
 
 
+def routed_target_gone(model: str, target: str) -> APIError:
+    """A routed model chose a target (the tenant's own) that no longer serves."""
+    return APIError(
+        404,
+        f"The routed model `{model}` chose `{target}` for this request, which has no "
+        f"servable version now; restore `{target}` or save a routed-model version "
+        "that does not use it.",
+        code="routed_target_not_found",
+        param="model",
+    )
+
+
 class Resolver:
     """Turns ``(caller, body)`` into a :class:`Route` from the cached registry view."""
 
     def __init__(
-        self, tenancy: Tenancy, bases: Mapping[str, str], unidentified: Callable[[], bool]
+        self,
+        tenancy: Tenancy,
+        bases: Mapping[str, str],
+        unidentified: Callable[[], bool],
+        content: ContentRouter | None = None,
     ) -> None:
         self.tenancy = tenancy
+        self.content = content
+        """Routed models' decisions (None: no routed models, as in narrow unit tests)."""
         self.bases = bases
         """Served name -> fingerprint of the bases engines serve (``Replicas.bases``, live)."""
         self.unidentified = unidentified
@@ -103,7 +130,13 @@ class Resolver:
         gateway started): any registered base may be the one it serves."""
 
     async def resolve(self, caller: Caller, body: dict[str, Any]) -> Route:
-        model = body["model"]
+        return await self._resolve(caller, body["model"], body, routing=True)
+
+    async def _resolve(
+        self, caller: Caller, model: str, body: dict[str, Any], *, routing: bool
+    ) -> Route:
+        """``model`` resolved for ``body``; a routed model's only when ``routing``, so a
+        routed model's target is never itself routed."""
         try:
             ref = router.parse_model_name(model, self.bases)
         except router.InvalidModelName:
@@ -114,6 +147,9 @@ class Resolver:
             raise model_not_found(model)  # engine-side names are never for clients
         view = await self.tenancy.routing(caller.tenant_id, ref.name)
         if view is None:
+            routed = await self._routed_model(caller, ref) if routing else None
+            if routed is not None:
+                return await self._routed(caller, model, body, routed)
             if ref.kind is router.RefKind.ADAPTER and await self._maybe_served(ref.name):
                 raise base_unreachable()
             raise model_not_found(model)
@@ -130,6 +166,26 @@ class Resolver:
         return Route(
             model, caller.tenant_name, chosen.base_fingerprint, chosen.lora_name, version, shadow
         )
+
+    async def _routed_model(self, caller: Caller, ref: router.ModelRef) -> RoutedModel | None:
+        if self.content is None or ref.kind is not router.RefKind.ADAPTER:
+            return None
+        return await self.content.routed_model(caller.tenant_id, ref.name)
+
+    async def _routed(
+        self, caller: Caller, model: str, body: dict[str, Any], routed: RoutedModel
+    ) -> Route:
+        """The route of the target the routed model's policy chooses for this request."""
+        assert self.content is not None
+        decision = await self.content.decide(caller, routed, router.RequestText.of(body))
+        try:
+            route = await self._resolve(caller, decision.target, body, routing=False)
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            raise routed_target_gone(model, decision.target) from None
+        choice = RoutedChoice(routed.name, routed.version, decision)
+        return dataclasses.replace(route, requested_model=model, routed=choice)
 
     async def _newer(
         self, caller: Caller, ref: router.ModelRef, view: router.RoutingView

@@ -175,15 +175,9 @@ class Shadow:
         assert target is not None
         candidates = self.replicas.candidates(copy.route.base_fingerprint, target.version.lora_name)
         self.forwarder.fair_queue.last_in_line(copy.body)
-        upstream, engine = await self.forwarder.open(candidates, copy.path, copy.body)
-        engine.in_flight += 1
-        try:
-            content = await upstream.read()
-        finally:
-            upstream.release()
-            engine.in_flight -= 1
-        if upstream.status != 200:
-            raise ValueError(f"the candidate's engine answered HTTP {upstream.status}")
+        status, content, engine = await self.forwarder.ask(candidates, copy.path, copy.body)
+        if status != 200:
+            raise ValueError(f"the candidate's engine answered HTTP {status}")
         texts = answer_texts(content, streamed=False)
         if texts is None:
             raise ValueError("the candidate's answer holds no choices")

@@ -84,6 +84,10 @@ class FakeForwarder:
             raise self.answer
         return self.answer, self.engine
 
+    async def ask(self, candidates: list[Any], path: str, body: dict[str, Any]) -> Any:
+        upstream, engine = await self.open(candidates, path, body)
+        return upstream.status, await upstream.read(), engine
+
 
 class FakeReplicas:
     def candidates(self, base: str, lora: str | None) -> list[Any]:
