@@ -18,9 +18,10 @@ from tests.registry.registry_testdata import blob_keys, build_adapter, build_tin
 from tests.server.api.conftest import client_for, tenant_with_key
 
 ROOT = Actor("test-root", admin=True)
-TIES = {
+A_AT_1 = {"adapter": "a", "version": 1, "weight": 0.7}
+TIES: dict[str, Any] = {
     "parents": [
-        {"adapter": "a", "version": 1, "weight": 0.7},
+        A_AT_1,
         {"adapter": "b", "version": 1, "weight": 0.3},
     ],
     "method": "ties",
@@ -100,7 +101,7 @@ def refused(client: TestClient, headers: dict[str, str], body: dict[str, Any]) -
 
 
 def with_parent(name: str) -> dict[str, Any]:
-    return {**TIES, "parents": [TIES["parents"][0], {"adapter": name, "version": 1, "weight": 1}]}
+    return {**TIES, "parents": [A_AT_1, {"adapter": name, "version": 1, "weight": 1}]}
 
 
 def test_a_foreign_parent_answers_exactly_like_an_unknown_one(
