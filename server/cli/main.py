@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server.cli import capability_commands as capability_cli
+from server.cli import compose_commands as compose_cli
 from server.cli import dataset_commands as dataset_cli
 from server.cli import drift_commands as drift_cli
 from server.cli import erasure_commands as erasure_cli
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_commands(sub)
     drift_cli.add_commands(sub)
     shadow_cli.add_commands(sub)
+    compose_cli.add_commands(sub)
     usage_cli.add_commands(sub)
     eval_cli.add_commands(sub)
     capability_cli.add_commands(sub)
