@@ -22,6 +22,7 @@ from server.cli import erasure_commands as erasure_cli
 from server.cli import eval_commands as eval_cli
 from server.cli import registry_commands as registry_cli
 from server.cli import retraining_commands as retraining_cli
+from server.cli import routed_model_commands as routed_model_cli
 from server.cli import shadow_commands as shadow_cli
 from server.cli import usage_commands as usage_cli
 from server.cli import webhook_commands as webhook_cli
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     erasure_cli.add_commands(sub)
     dataset_cli.add_commands(sub)
     webhook_cli.add_commands(sub)
+    routed_model_cli.add_commands(sub)
     return parser
 
 
