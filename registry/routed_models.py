@@ -351,14 +351,17 @@ def _check_eval(accuracy: float, examples: int, suite: str) -> None:
         raise InvalidRequest(f"examples must be a positive integer, not {examples!r}")
 
 
-def routed_model_named(s: Session, tenant_id: int, name: str) -> RoutedModel | None:
-    """The tenant's routed model ``name`` (not deleted), if there is one."""
-    if NUL in name:
+def routed_model_named(
+    s: Session, tenant_id: int, name: str, lock: bool = False
+) -> RoutedModel | None:
+    """The tenant's routed model ``name`` (not deleted), if there is one; its row locked
+    for the transaction with ``lock``."""
+    if NUL in name:  # no name holds one, and PostgreSQL refuses them in queries
         return None
     query = select(RoutedModel).where(
         RoutedModel.tenant_id == tenant_id, RoutedModel.name == name, RoutedModel.tombstone == 0
     )
-    return s.exec(query).first()
+    return s.exec(query.with_for_update() if lock else query).first()
 
 
 def refuse_routed_model_name(s: Session, tenant_id: int, name: str) -> None:
@@ -419,7 +422,7 @@ class RoutedModelStore(Store):
         bases = {b.name for b in s.exec(select(BaseModelRecord)).all()}
         self._check_free(s, tenant_id, name, bases)
         self._check_references(s, tenant_id, refs, bases)
-        model = self._locked(s, tenant_id, name)
+        model = routed_model_named(s, tenant_id, name, lock=True)
         if model is None:  # a new routed model (a concurrent save of it fails the insert)
             model = RoutedModel(tenant_id=tenant_id, name=name)
             s.add(model)
@@ -668,19 +671,10 @@ class RoutedModelStore(Store):
     # -- helpers -------------------------------------------------------------
 
     def _model(self, s: Session, tenant_id: int, name: str, lock: bool = False) -> RoutedModel:
-        model = self._locked(s, tenant_id, name) if lock else routed_model_named(s, tenant_id, name)
+        model = routed_model_named(s, tenant_id, name, lock)
         if model is None:
             raise unknown_routed_model(name)
         return model
-
-    def _locked(self, s: Session, tenant_id: int, name: str) -> RoutedModel | None:
-        """The tenant's routed model ``name``, its row locked for the transaction."""
-        if NUL in name:
-            return None
-        query = select(RoutedModel).where(
-            RoutedModel.tenant_id == tenant_id, RoutedModel.name == name, RoutedModel.tombstone == 0
-        )
-        return s.exec(query.with_for_update()).first()
 
     def _version_row(self, s: Session, model: RoutedModel, number: int) -> RoutedModelVersion:
         row = s.exec(

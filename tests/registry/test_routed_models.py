@@ -5,6 +5,7 @@ tenant isolation (a foreign routed model or adapter answers like an unknown one)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -105,6 +106,25 @@ def test_versions_are_numbered_and_only_the_first_goes_live_at_once(
     assert info.to_json()["live_version"] == 1 and second.to_json()["live"] is False
     with pytest.raises(NotFound, match="has no version 3"):
         store.version(acme, NAME, 3)
+
+
+def test_concurrent_saves_of_a_new_routed_model_get_distinct_numbers(
+    store: RoutedModelStore, acme: int
+) -> None:
+    saved: list[tuple[int, bool]] = []
+
+    def writer() -> None:
+        for _ in range(3):
+            version = store.save_version(acme, NAME, POLICY, REFS, USER)
+            saved.append((version.number, version.live))
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(saved) == [(1, True)] + [(n, False) for n in range(2, 13)]
+    assert [i.versions for i in store.list(acme)] == [12]
 
 
 def test_references_are_own_adapters_and_bases_never_foreign_or_routed(
