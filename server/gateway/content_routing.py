@@ -21,10 +21,12 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import orjson
 
 import router
+from registry import Principal
 from registry.routed_models import RoutedModelStore
 from server.gateway.forwarding import Forwarder
 from server.gateway.metrics import Metrics
@@ -101,8 +103,29 @@ class ContentRouter:
         listed = await asyncio.to_thread(self.store.list, tenant_id)
         return [m.name for m in listed if m.live_version is not None]
 
+    async def evaluate(
+        self,
+        principal: Principal,
+        tenant_name: str,
+        name: str,
+        version: int,
+        policy: router.RoutingPolicy,
+        texts: Sequence[router.RequestText],
+    ) -> list[router.RoutingDecision]:
+        """The decisions a version of a routed model makes for ``texts``, as requests get
+        them (a routing eval, a replay); not counted in the decision metrics."""
+        assert principal.tenant_id is not None
+        caller = Caller(principal, principal.tenant_id, tenant_name)
+        routed = RoutedModel(name, version, policy)
+        return [await self.decide(caller, routed, text, counted=False) for text in texts]
+
     async def decide(
-        self, caller: Caller, routed: RoutedModel, text: router.RequestText
+        self,
+        caller: Caller,
+        routed: RoutedModel,
+        text: router.RequestText,
+        *,
+        counted: bool = True,
     ) -> router.RoutingDecision:
         """Where this request goes: rules, then the classifier, then the default."""
         policy = routed.policy
@@ -114,6 +137,8 @@ class ContentRouter:
                 decision = policy.default_decision()
             else:
                 decision = await self._classify(caller, routed, text)
+        if not counted:
+            return decision
         m = self.metrics
         label = decision.label if decision.reason is router.RoutingReason.CLASSIFIER else ""
         m.routing_decisions_of(
