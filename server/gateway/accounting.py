@@ -118,11 +118,7 @@ class Accounting:
         """Account for one request: limits settled, usage booked, metrics recorded."""
         usage = outcome.usage
         used = usage.prompt_tokens + usage.completion_tokens if usage else admission.tokens_charged
-        if isinstance(admission, SharedAdmission):
-            assert self.shared is not None  # only a shared limiter makes shared admissions
-            self.shared.settle(admission, used)
-        else:
-            self.limiter.settle(admission, used, time.monotonic())
+        self._settle(admission, used)
         end = outcome.finished_at or time.perf_counter()
         self.usage.add(
             caller.tenant_id,
@@ -134,6 +130,18 @@ class Accounting:
             seconds=end - started if outcome.status == 200 and not outcome.error else None,
         )
         self.record(path, route, outcome, started)
+
+    def release(self, admission: Admitted) -> None:
+        """End an admitted request that was never sent (its model did not resolve): its
+        concurrency slot returned and its token estimate refunded; the request counts."""
+        self._settle(admission, 0)
+
+    def _settle(self, admission: Admitted, used: int) -> None:
+        if isinstance(admission, SharedAdmission):
+            assert self.shared is not None  # only a shared limiter makes shared admissions
+            self.shared.settle(admission, used)
+        else:
+            self.limiter.settle(admission, used, time.monotonic())
 
     def record(self, path: str, route: Route, outcome: Outcome, started: float) -> None:
         m = self.metrics

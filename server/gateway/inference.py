@@ -3,9 +3,10 @@
 Each request goes through the same five steps, each owned by one object:
 
 1. the API key maps to one tenant, admin keys refused (``tenancy.Tenancy``);
-2. ``model`` resolves to the base or to one of the tenant's adapter versions
-   (``resolution.Resolver``); anything else is the same 404;
-3. the tenant's noisy-neighbour limits admit it or answer 429 (``accounting.Accounting``);
+2. the tenant's noisy-neighbour limits admit it or answer 429 (``accounting.Accounting``);
+3. ``model`` resolves to the base, to one of the tenant's adapter versions, or through one
+   of its routed models to one of those (``resolution.Resolver``); anything else is the
+   same 404, and its admission is given back;
 4. the router orders the healthy replicas of the version's base (``replicas.Replicas``),
    and it waits its turn at them if its tenant's or their in-flight tokens are full
    (``fair_queue.FairGate``);
@@ -81,11 +82,17 @@ class Inference:
         caller = await self.tenancy.authenticate(authorization)
         body = await read_json(receive, declared, self.max_request_bytes)
         check_bounds(body, self.max_tokens_limit)
-        route = await self.resolver.resolve(caller, body)
         limits = await self.tenancy.limits(caller.tenant_id)
-        capture = await self.capture.begin(path, caller, route, body, declared)
-        copy = self.shadow.begin(path, caller, route, body) if route.shadow else None
+        # Admitted before resolving: a routed model's classifier is an engine call, which
+        # a tenant over its limits must not get for free.
         admission = await self.accounting.admit(caller, limits, body)
+        try:
+            route = await self.resolver.resolve(caller, body)
+            capture = await self.capture.begin(path, caller, route, body, declared)
+        except BaseException:
+            self.accounting.release(admission)
+            raise
+        copy = self.shadow.begin(path, caller, route, body) if route.shadow else None
         self.drift.offer(caller.tenant_id, route, body)
 
         outcome = proxy.Outcome()
