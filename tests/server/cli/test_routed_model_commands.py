@@ -27,15 +27,17 @@ CLASSIFIER = RULES | {"classifier": {"adapter": "general", "labels": {"money": "
 
 
 @pytest.fixture(scope="module")
-def peft(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def peft(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """A tiny base and two adapters on it, built once for the module."""
     root = tmp_path_factory.mktemp("peft")
     base = build_tiny_base(root / "tiny")
-    return {"base": base, **{f"v{i}": build_adapter(base, root / f"v{i}", seed=i) for i in (1, 2)}}
+    names = ("billing", "general")
+    return base, {n: build_adapter(base, root / n, seed=i) for i, n in enumerate(names, 1)}
 
 
 @pytest.fixture
 def env(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], peft: dict[str, Path]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], peft: tuple[Path, dict[str, Path]]
 ) -> tuple[Cli, RoutedModelStore, int]:
     """Tenants acme (adapters billing and general on base tiny) and beta (none); the CLI
     on their registry, and the routed-model store to check what it wrote."""
@@ -43,9 +45,10 @@ def env(
     acme = registry.create_tenant("acme", OPERATOR).id
     registry.create_tenant("beta", OPERATOR)
     assert acme is not None
-    registry.register_base(peft["base"], "tiny", "r1", OPERATOR)
-    for name, seed in (("billing", 1), ("general", 2)):
-        registry.push_adapter(acme, name, peft[f"v{seed}"], "tiny", OPERATOR)
+    base, adapters = peft
+    registry.register_base(base, "tiny", "r1", OPERATOR)
+    for name, path in adapters.items():
+        registry.push_adapter(acme, name, path, "tiny", OPERATOR)
     return Cli(tmp_path, capsys), RoutedModelStore(registry), acme
 
 
@@ -58,6 +61,13 @@ def _file(cli: Cli, name: str, content: Any) -> str:
 
 def _suite(cli: Cli, lines: list[dict[str, Any]]) -> str:
     return _file(cli, "suite.jsonl", "\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def _save_desk(cli: Cli, policy: dict[str, Any] = RULES) -> str:
+    """Save ``policy`` as acme's routed model desk; the policy file's path."""
+    path = _file(cli, "desk.json", policy)
+    cli.ok("routed-models", "save", "desk", "--policy", path, *ACME)
+    return path
 
 
 def _rows(out: str) -> list[list[str]]:
@@ -145,7 +155,7 @@ def test_eval_records_accuracy_and_the_confusion_matrix(
     env: tuple[Cli, RoutedModelStore, int],
 ) -> None:
     cli, store, acme = env
-    cli.ok("routed-models", "save", "desk", "--policy", _file(cli, "p.json", RULES), *ACME)
+    _save_desk(cli)
     suite = _suite(cli, [
         {"messages": [{"role": "user", "content": "where is my invoice?"}], "expected": "billing"},
         {"prompt": "a refund please", "expected": "billing"},
@@ -181,7 +191,7 @@ def test_eval_refuses_a_bad_suite_file_and_records_nothing(
     env: tuple[Cli, RoutedModelStore, int],
 ) -> None:
     cli, store, acme = env
-    cli.ok("routed-models", "save", "desk", "--policy", _file(cli, "p.json", RULES), *ACME)
+    _save_desk(cli)
     suite = _file(cli, "bad.jsonl", '{"prompt": "x"}\n\nnot json\n[1]\n{"prompt": "x", '
                   '"messages": [], "expected": "tiny"}\n')  # fmt: skip
     code, _, err = cli("routed-models", "eval", "desk", "1", "--suite-file", suite, *ACME)
@@ -200,7 +210,7 @@ def test_eval_refuses_a_bad_suite_file_and_records_nothing(
 
 def test_eval_refuses_a_policy_with_a_classifier(env: tuple[Cli, RoutedModelStore, int]) -> None:
     cli, store, acme = env
-    cli.ok("routed-models", "save", "desk", "--policy", _file(cli, "p.json", CLASSIFIER), *ACME)
+    _save_desk(cli, CLASSIFIER)
     suite = _suite(cli, [{"prompt": "invoice", "expected": "billing"}])
     code, out, err = cli("routed-models", "eval", "desk", "1", "--suite-file", suite, *ACME)
     assert (code, out) == (2, "")
@@ -213,8 +223,7 @@ def test_gates_refuse_a_promote_until_an_eval_passes(
     env: tuple[Cli, RoutedModelStore, int],
 ) -> None:
     cli, store, acme = env
-    policy = _file(cli, "p.json", RULES)
-    cli.ok("routed-models", "save", "desk", "--policy", policy, *ACME)
+    policy = _save_desk(cli)
     assert cli.ok("routed-models", "gates", "desk", *ACME) == (
         "desk: no gates (promote needs no routing eval)\n"
     )
@@ -251,8 +260,7 @@ def test_another_tenants_routed_model_answers_like_an_unknown_one(
     env: tuple[Cli, RoutedModelStore, int],
 ) -> None:
     cli, _, _ = env
-    policy = _file(cli, "p.json", RULES)
-    cli.ok("routed-models", "save", "desk", "--policy", policy, *ACME)
+    policy = _save_desk(cli)
     suite = _suite(cli, [{"prompt": "invoice", "expected": "billing"}])
     beta = ("--tenant", "beta")
     for verb in (["show"], ["promote", "1"], ["delete"], ["evals"],
