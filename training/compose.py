@@ -6,7 +6,8 @@ functions ``LoraModel.add_weighted_adapter`` calls) applied to the parents' delt
 ``*_svd`` combination types do:
 
 - ``linear``: the weighted sum of the deltas (PEFT's ``svd``; exact while the target
-  rank is at least the sum of the parents' ranks). PEFT's own ``linear`` sums the A
+  rank is at least the sum of the parents' ranks; its SVD is taken on the factors,
+  ``refactor_sum``, never on a dense delta). PEFT's own ``linear`` sums the A
   and the B factors separately, which is not the weighted sum of the deltas (its
   cross terms ``B_i A_j`` remain), so it is not offered;
 - ``ties``: TIES (trim to ``density`` by magnitude, elect signs, disjoint merge;
@@ -241,15 +242,52 @@ def merge_deltas(
         return merge_utils.dare_ties(deltas, factors, density, spec.sign_method)  # type: ignore[arg-type]
 
 
-def refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of rank ``rank`` with ``B @ A`` the best rank-``rank`` approximation of
-    ``delta`` (PEFT's: ``B = U S``, ``A = Vh``); zero rows/columns pad a smaller module."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    a, b = vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])
+def _padded(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of A and columns of B up to ``rank`` (a module smaller than the rank)."""
     if a.shape[0] < rank:
         a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
     return a.contiguous(), b.contiguous()
+
+
+def refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank ``rank`` with ``B @ A`` the best rank-``rank`` approximation of
+    ``delta``, factored as PEFT factors it: ``B = U S``, ``A = Vh``."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return _padded(vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank]), rank)
+
+
+Term = tuple[float, float, torch.Tensor, torch.Tensor]
+"""One parent's part in a module: its weight, its scaling, lora_A and lora_B (float32)."""
+
+
+def refactor_sum(terms: list[Term], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``refactor`` of the weighted sum of the terms' deltas without forming it.
+
+    The sum is ``B_cat @ A_cat`` (the B factors side by side, weighted and scaled, the A
+    factors stacked); with ``B_cat = Qb Rb`` and ``A_cat^T = Qa Ra`` its SVD is that of
+    the small ``Rb Ra^T`` turned by ``Qb`` and ``Qa``: the same singular values and
+    vectors as the dense SVD PEFT takes, in O(d r^2) instead of O(d^3) a module.
+    """
+    b_cat = torch.cat([b * (weight * scale) for weight, scale, _, b in terms], dim=1)
+    qb, rb = torch.linalg.qr(b_cat)
+    qa, ra = torch.linalg.qr(torch.cat([a for _, _, a, _ in terms]).T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return _padded(vh[:rank, :] @ qa.T, qb @ u[:, :rank] @ torch.diag(s[:rank]), rank)
+
+
+def _terms(
+    parents: list[LoadedAdapter],
+    tables: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    weights: list[float],
+    module: str,
+) -> list[Term]:
+    terms = []
+    for parent, table, weight in zip(parents, tables, weights, strict=True):
+        if module in table:  # as PEFT: a parent without the module adds nothing there
+            a, b = (t.to(torch.float32) for t in table[module])
+            terms.append((weight, parent.scaling(module, a.shape[0]), a, b))
+    return terms
 
 
 def combine(
@@ -261,20 +299,22 @@ def combine(
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(set().union(*tables)):
-        deltas, factors = [], []
-        for parent, table, weight in zip(parents, tables, weights, strict=True):
-            if module in table:  # as PEFT: a parent without the module adds nothing there
-                a, b = (t.to(torch.float32) for t in table[module])
-                deltas.append((b @ a) * parent.scaling(module, a.shape[0]))
-                factors.append(weight)
-        a, b = refactor(merge_deltas(deltas, factors, spec, module), rank)
+        terms = _terms(parents, tables, weights, module)
+        if spec.method == "linear":  # a sum of low-rank deltas: no dense SVD needed
+            a, b = refactor_sum(terms, rank)
+        else:  # pruning makes the combined delta dense: PEFT's full SVD of it
+            deltas = [(b @ a) * scale for _, scale, a, b in terms]
+            merged = merge_deltas(deltas, [w for w, *_ in terms], spec, module)
+            a, b = refactor(merged, rank)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
     return LoadedAdapter(_composed_config(parents, tables, rank), tensors)
 
 
 def _composed_config(
-    parents: list[LoadedAdapter], tables: list[dict[str, Any]], rank: int
+    parents: list[LoadedAdapter],
+    tables: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    rank: int,
 ) -> dict[str, Any]:
     """The first parent's config with the new rank, scaling 1 and the union of targets."""
     names = [p.config.get("target_modules") for p in parents]
