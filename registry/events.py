@@ -29,6 +29,12 @@ from registry.models import AuditEvent, Tenant
 from registry.registry import Registry
 from registry.store import Store
 
+UPGRADE_ITEM_EVENTS = (
+    "evaluating", "action_required", "chosen", "retraining", "retrained", "promoted",
+    "retired", "kept", "failed", "cancelled",
+)  # fmt: skip
+"""``adapter.upgrade.<this>``: what happens to one adapter in a base upgrade
+(``registry.upgrades``), in its owner's log."""
 TYPES: dict[str, str] = {
     "adapter.push": "adapter.version.created",
     "adapter.promote": "adapter.promoted",
@@ -39,6 +45,8 @@ TYPES: dict[str, str] = {
     "adapter.retire": "adapter.version.retired",
     "adapter.shadow": "adapter.shadow.set",
     "adapter.shadow_clear": "adapter.shadow.cleared",
+    "adapter.alias_set": "adapter.alias.set",
+    "adapter.alias_delete": "adapter.alias.deleted",
     "adapter.gates": "adapter.gates.updated",
     "adapter.drift": "adapter.drift.detected",
     "adapter.drift_cleared": "adapter.drift.cleared",
@@ -52,6 +60,10 @@ TYPES: dict[str, str] = {
     "fine_tuning.job.succeeded": "fine_tuning.job.succeeded",
     "fine_tuning.job.failed": "fine_tuning.job.failed",
     "fine_tuning.job.cancelled": "fine_tuning.job.cancelled",
+    "base.upgrade.start": "base.upgrade.started",
+    "base.upgrade.done": "base.upgrade.completed",
+    "base.upgrade.cancel": "base.upgrade.cancelled",
+    **{f"adapter.upgrade.{name}": f"adapter.upgrade.{name}" for name in UPGRADE_ITEM_EVENTS},
 }
 """Audit action -> public event type (README "Events and webhooks" lists them)."""
 _ALIAS_OF = {

@@ -161,7 +161,14 @@ def clear_shadow(session: Session, adapter: Adapter, change: Change) -> None:
     _clear(session, adapter, SHADOW, change, "adapter.shadow_clear")
 
 
-def _clear(session: Session, adapter: Adapter, name: str, change: Change, action: str) -> None:
+def _clear(
+    session: Session,
+    adapter: Adapter,
+    name: str,
+    change: Change,
+    action: str,
+    extra: dict[str, object] | None = None,
+) -> None:
     assert adapter.id is not None
     current = aliases(session, adapter.id).get(name)
     if current is None:
@@ -185,7 +192,7 @@ def _clear(session: Session, adapter: Adapter, name: str, change: Change, action
         change.subject,
         tenant_id=change.tenant_id,
         before={"aliases": before},
-        after={"aliases": _snapshot(session, adapter.id)},
+        after={"aliases": _snapshot(session, adapter.id), **(extra or {})},
     )
 
 
@@ -219,7 +226,8 @@ def set_state(
     if holding:
         raise Conflict(
             f"version {version.number} is the target of alias(es) {', '.join(holding)}; "
-            "promote or canary another version (or roll back), or clear the shadow, first"
+            "promote or canary another version (or roll back), clear the shadow, or move "
+            "or delete a custom alias (`loraplex adapters alias`), first"
         )
     if version.state == state:
         return
