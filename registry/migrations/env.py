@@ -15,6 +15,8 @@ import registry.models
 import registry.retraining
 import registry.routed_models
 import registry.shadow
+import registry.upgrades
+import registry.version_tags
 import registry.webhooks
 import registry.workers  # noqa: F401  (each registers its tables on SQLModel.metadata)
 

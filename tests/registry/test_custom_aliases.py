@@ -106,7 +106,7 @@ def test_an_alias_holds_its_version_in_use_and_only_active_ones_are_aliased(
     store = CustomAliases(registry)
     store.set_alias(tenant.id, "bot", "staging", 2, USER)
     for withdraw in (registry.retire, registry.archive):
-        with pytest.raises(Conflict, match="target of alias\\(es\\) staging.*custom alias"):
+        with pytest.raises(Conflict, match=r"target of alias\(es\) staging.*custom alias"):
             withdraw(tenant.id, "bot", 2, USER)
     store.delete_alias(tenant.id, "bot", "staging", USER)
     registry.archive(tenant.id, "bot", 2, USER)
