@@ -28,6 +28,7 @@ import orjson
 import router
 from registry import Principal
 from registry.routed_models import RoutedModelStore
+from server.errors import APIError
 from server.gateway.forwarding import Forwarder
 from server.gateway.metrics import Metrics
 from server.gateway.proxy import TokenUsage, UpstreamError, UpstreamFailure
@@ -83,7 +84,17 @@ class ContentRouter:
     async def routed_model(self, tenant_id: int, name: str) -> RoutedModel | None:
         """The tenant's routed model ``name`` as it is live now; None if it has none."""
         hit = self._live.fresh((tenant_id, name))
-        return hit if hit is not MISS else await self._live.load((tenant_id, name))
+        try:
+            return hit if hit is not MISS else await self._live.load((tenant_id, name))
+        except UnreadablePolicy as exc:
+            log.error("%s", exc)
+            raise APIError(
+                503,
+                f"The routed model `{name}`'s live policy cannot be read by this gateway; "
+                "retry shortly, or roll the routed model back to a version it can read.",
+                code="routed_model_unreadable",
+                headers={"Retry-After": "30"},
+            ) from None
 
     async def _load(self, key: tuple[int, str]) -> RoutedModel | None:
         live = await asyncio.to_thread(self.store.live, *key)

@@ -154,3 +154,18 @@ def test_the_answer_headers_name_the_routed_model_and_why() -> None:
     ]
     by_rule = router.RoutingDecision("billing", router.RoutingReason.RULE, rule=2)
     assert (b"x-loraplex-routing-rule", b"2") in RoutedChoice("suite", 3, by_rule).headers()
+
+
+def test_a_policy_this_gateway_cannot_read_is_a_retryable_503() -> None:
+    from registry.routed_models import LiveRoutedModel
+    from server.errors import APIError
+
+    class Store:
+        def live(self, tenant_id: int, name: str) -> LiveRoutedModel:
+            return LiveRoutedModel(name, 2, {"default": "a", "future_field": 1})
+
+    content, _, _ = _router(_answer("x"))
+    content.store = Store()  # type: ignore[assignment]
+    with pytest.raises(APIError) as raised:
+        asyncio.run(content.routed_model(7, "suite"))
+    assert (raised.value.status, raised.value.code) == (503, "routed_model_unreadable")
