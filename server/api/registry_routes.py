@@ -44,6 +44,7 @@ from registry import (
 )
 from registry.eval_history import eval_history
 from registry.online_metrics import record_online_metrics
+from server.api.alias_routes import add_alias_routes, search_listing
 from server.api.auth import registry_of, require_admin, require_tenant
 from server.api.composition_routes import add_composition_routes
 from server.api.shadow_routes import add_shadow_routes
@@ -299,8 +300,14 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., AdapterScope]) -> APIR
     adapter_routes = APIRouter(prefix=prefix)
     Acting = Annotated[AdapterScope, Depends(scope_dep)]
 
-    @adapter_routes.get("", summary="List adapters")
-    def list_adapters(scope: Acting) -> dict[str, Any]:
+    @adapter_routes.get("", summary="List adapters, or search versions by tag and alias")
+    def list_adapters(
+        scope: Acting,
+        tag: Annotated[list[str] | None, Query(description="k=v or k; all must hold")] = None,
+        alias: Annotated[list[str] | None, Query(description="an alias the version has")] = None,
+    ) -> dict[str, Any]:
+        if tag or alias:
+            return search_listing(scope, tag or [], alias or [], version_json)
         adapters = scope.registry.list_adapters(scope.tenant_id)
         return _listing([adapter_json(scope.registry, scope.tenant_id, a) for a in adapters])
 
@@ -335,6 +342,7 @@ def _adapter_routes(prefix: str, scope_dep: Callable[..., AdapterScope]) -> APIR
     _add_quality_routes(adapter_routes, scope_dep)
     _add_eval_history_routes(adapter_routes, scope_dep)
     add_shadow_routes(adapter_routes, scope_dep)
+    add_alias_routes(adapter_routes, scope_dep)
     add_composition_routes(adapter_routes, scope_dep, version_json)
     return adapter_routes
 
