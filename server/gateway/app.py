@@ -29,6 +29,7 @@ from registry.captures import CaptureStore
 from registry.drift import DriftStore
 from registry.routed_models import RoutedModelStore
 from registry.shadow import ShadowStore
+from server import console
 from server.config import Settings
 from server.errors import APIError, install_api_error_handler, unhandled_response
 from server.gateway import loops, openai_routes, ops_routes
@@ -129,6 +130,7 @@ def create_gateway(
     install_error_handlers(app)
     app.hot_routes.update(openai_routes.add(app, inference, tenancy, replicas.bases, settings))
     ops_routes.add(app, replicas, metrics, settings.metrics_token)
+    console.add(app)  # the lifecycle console's static pages at /console/
     app.state.registry = registry
     app.state.capture_store = capture.store
     app.state.drift_threshold = settings.drift_threshold
