@@ -400,8 +400,18 @@ class JobStore(Store):
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    def succeed(self, job_id: str, worker_id: str, fine_tuned_model: str) -> bool:
-        values = {"fine_tuned_model": fine_tuned_model, "finished_at": utcnow()}
+    def succeed(
+        self,
+        job_id: str,
+        worker_id: str,
+        fine_tuned_model: str | None,
+        result: dict[str, Any] | None = None,
+    ) -> bool:
+        """Succeed the job (``result``: what an evaluation-only job measured, which
+        registers no version and so has no ``fine_tuned_model``)."""
+        values: dict[str, Any] = {"fine_tuned_model": fine_tuned_model, "finished_at": utcnow()}
+        if result is not None:
+            values["result"] = result
         return self._finish_step(job_id, worker_id, values, SUCCEEDED)
 
     def fail(self, job_id: str, worker_id: str, code: str, message: str) -> bool:
@@ -486,6 +496,12 @@ class JobStore(Store):
         current = lifecycle.aliases(s, adapter.id).get(PRODUCTION)
         if current is not None and current.version_id == version.id:
             return job.adapter_name
+        serving = s.get(AdapterVersion, current.version_id) if current is not None else None
+        if serving is not None and serving.base_id != version.base_id:
+            # Moving an adapter to another base is a migration (canary first: a base
+            # upgrade, ``registry.upgrades``, does it), never a job's side effect.
+            self._event(s, job.id, "Not promoted: production runs on another base", level="warn")
+            return f"{job.adapter_name}@{version.number}"
         gated = s.exec(select(PromotionGate).where(PromotionGate.adapter_id == adapter.id))
         if trained.not_better is not None and gated.first() is None:
             self._event(s, job.id, f"Not promoted: {trained.not_better}", level="warn")
