@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from server.cli import alias_commands as alias_cli
 from server.cli import capability_commands as capability_cli
 from server.cli import compose_commands as compose_cli
 from server.cli import dataset_commands as dataset_cli
@@ -21,6 +22,7 @@ from server.cli import drift_commands as drift_cli
 from server.cli import erasure_commands as erasure_cli
 from server.cli import eval_commands as eval_cli
 from server.cli import registry_commands as registry_cli
+from server.cli import remote_commands as remote_cli
 from server.cli import retraining_commands as retraining_cli
 from server.cli import routed_model_commands as routed_model_cli
 from server.cli import shadow_commands as shadow_cli
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraplex", description="Multi-LoRA serving and adapter registry."
     )
+    remote_cli.add_global_flags(parser)  # with a URL, customer commands go over HTTP
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway and its engines")
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_commands(sub)
     drift_cli.add_commands(sub)
     shadow_cli.add_commands(sub)
+    alias_cli.add_commands(sub)
     compose_cli.add_commands(sub)
     usage_cli.add_commands(sub)
     eval_cli.add_commands(sub)
@@ -163,6 +167,9 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if remote_cli.wants_remote(argv):
+        return remote_cli.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
