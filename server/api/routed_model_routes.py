@@ -36,7 +36,7 @@ import router
 from registry import Principal
 from registry.captures import CaptureStore, CompletionQuery
 from registry.jobs import JobStore
-from registry.routed_models import ROUTING_SUITE, RoutedModelStore, RoutingGate
+from registry.routed_models import ROUTING_SUITE, RoutedModelStore, RoutedVersion, RoutingGate
 from server.api.auth import registry_of, require_tenant
 from server.errors import APIError
 
@@ -209,28 +209,51 @@ def list_evals(request: Request, principal: TenantPrincipal, name: str) -> dict[
     return {"object": "list", "data": [e.to_json() for e in evals]}
 
 
+class _Deciding:
+    """What an eval or a replay of the caller's routed model decides with: the registry's
+    store and the gateway's ``ContentRouter``."""
+
+    def __init__(self, request: Request, principal: Principal, name: str) -> None:
+        self.request, self.principal, self.name = request, principal, name
+        self.store, self.tenant_id = _store(request), _tenant(principal)
+        self.decider = _decider(request)
+
+    async def version(self, number: int) -> RoutedVersion:
+        return await run_in_threadpool(self.store.version, self.tenant_id, self.name, number)
+
+    async def decisions(
+        self, number: int, document: dict[str, Any], texts: Sequence[router.RequestText]
+    ) -> list[str]:
+        """The target version ``number`` (its policy ``document``) chooses for each text."""
+        registry = registry_of(self.request)
+        tenant = await run_in_threadpool(registry.get_tenant, self.tenant_id)
+        policy = router.RoutingPolicy.from_json(document)
+        decided = await self.decider.evaluate(
+            self.principal, tenant.name, self.name, number, policy, texts
+        )
+        return [d.target for d in decided]
+
+
 @routes.post("/{name}/versions/{number}/evals", summary="Run and store a routing eval")
 async def run_eval(
     request: Request, principal: TenantPrincipal, name: str, number: int, body: EvalBody
 ) -> dict[str, Any]:
-    store, tenant_id = _store(request), _tenant(principal)
-    decider = _decider(request)
-    version = await run_in_threadpool(store.version, tenant_id, name, number)
+    deciding = _Deciding(request, principal, name)
+    version = await deciding.version(number)
     examples = body.examples
     if (examples is None) == (body.file_id is None):
         raise APIError(400, "give either examples or file_id", param="examples")
     if examples is None:
         assert body.file_id is not None
-        examples = await run_in_threadpool(_file_examples, request, tenant_id, body.file_id)
+        examples = await run_in_threadpool(
+            _file_examples, request, deciding.tenant_id, body.file_id
+        )
     texts, expected = _examples(examples)
-    tenant_name = (await run_in_threadpool(registry_of(request).get_tenant, tenant_id)).name
-    policy = router.RoutingPolicy.from_json(version.policy)
-    decisions = await decider.evaluate(principal, tenant_name, name, number, policy, texts)
-    table = router.confusion(zip(expected, (d.target for d in decisions), strict=True))
-    accuracy = router.accuracy(table)
+    chosen = await deciding.decisions(number, version.policy, texts)
+    table = router.confusion(zip(expected, chosen, strict=True))
     recorded = await run_in_threadpool(
-        store.record_eval, tenant_id, name, number, accuracy, len(texts), table,
-        principal.actor, body.suite,
+        deciding.store.record_eval, deciding.tenant_id, name, number, router.accuracy(table),
+        len(texts), table, principal.actor, body.suite,
     )  # fmt: skip
     return recorded.to_json()
 
@@ -239,19 +262,16 @@ async def run_eval(
 async def replay(
     request: Request, principal: TenantPrincipal, name: str, number: int, body: ReplayBody
 ) -> dict[str, Any]:
-    store, tenant_id = _store(request), _tenant(principal)
-    decider = _decider(request)
-    candidate = await run_in_threadpool(store.version, tenant_id, name, number)
-    live = await run_in_threadpool(store.live, tenant_id, name)
+    deciding = _Deciding(request, principal, name)
+    candidate = await deciding.version(number)
+    live = await run_in_threadpool(deciding.store.live, deciding.tenant_id, name)
     if live is None:
         raise APIError(409, f"routed model {name!r} has no live version to compare with")
-    texts = await run_in_threadpool(_stored_requests, request, tenant_id, name, body.limit)
-    tenant_name = (await run_in_threadpool(registry_of(request).get_tenant, tenant_id)).name
-    ours = router.RoutingPolicy.from_json(candidate.policy)
-    theirs = router.RoutingPolicy.from_json(live.policy)
-    now = await decider.evaluate(principal, tenant_name, name, live.version, theirs, texts)
-    then = await decider.evaluate(principal, tenant_name, name, number, ours, texts)
-    changes = router.confusion(zip((d.target for d in now), (d.target for d in then), strict=True))
+    texts = await run_in_threadpool(_stored_requests, request, deciding.tenant_id, name, body.limit)
+    live_targets = await deciding.decisions(live.version, live.policy, texts)
+    candidate_targets = await deciding.decisions(number, candidate.policy, texts)
+    # live target -> candidate target -> requests: off the diagonal is what would change
+    changes = router.confusion(zip(live_targets, candidate_targets, strict=True))
     agreed = sum(row.get(target, 0) for target, row in changes.items())
     return {
         "object": "routed_model.replay",
