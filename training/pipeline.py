@@ -29,8 +29,10 @@ from training.data import (
     split_examples,
 )
 from training.data_checks import DataReport, check_data, refuse_untrainable
-from training.evaluate import EvalMetrics, SuiteRun, compare_on_test
+from training.evaluate import BASE, EvalMetrics, Evaluator, SuiteRun, compare_on_test
+from training.promotion import exact_match_decides
 from training.recipe import LoRARecipe, StepReport, TrainResult
+from training.render import reference_answer
 from training.schema import check_regex, check_schema
 
 
@@ -158,3 +160,30 @@ def run_training(
         )
         outcome.metrics, outcome.suites = compared.test, compared.suites
     return outcome
+
+
+@dataclass(frozen=True)
+class BaseScore:
+    """The base alone on a job's test split (an evaluation-only job, ``evaluate_base``)."""
+
+    prepared: Prepared
+    metrics: EvalMetrics | None
+    """None when the data leaves no test split."""
+    decides: str
+    """The metric that decides for this task (``training.promotion``): ``exact_match``
+    where the reference answers come from a fixed set, else ``loss``."""
+
+
+def evaluate_base(spec: RunSpec) -> BaseScore:
+    """Prepare the data as a training run would (the same split for the same config and
+    seed) and score the base alone on the test split; nothing is trained."""
+    prepared = prepare(spec)
+    test = prepared.splits["test"]
+    answers = [reference_answer(e) for e in test]
+    decides = "exact_match" if exact_match_decides(answers) else "loss"
+    if not test:
+        return BaseScore(prepared, None, decides)
+    evaluator = Evaluator(
+        spec.base_dir, test, spec.config.max_length, spec.schema, spec.answer_regex
+    )
+    return BaseScore(prepared, evaluator.score(BASE), decides)

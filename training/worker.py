@@ -35,14 +35,22 @@ from registry.drift import DriftStore, PromptSketch, prompts_of, sketch_prompts
 from registry.jobs import FineTuningJob, JobStore, TrainedVersion, job_actor
 from registry.registry import Score
 from registry.retraining import RetrainingStore, init_version
+from registry.upgrades import EVALUATION, UpgradeStore
 from registry.workers import WorkerRoster
 from training import capability
 from training.auto import Picked
 from training.config import ConfigError, TrainConfig
 from training.data import DatasetError, Example, Method
-from training.evaluate import CANDIDATE
+from training.evaluate import BASE, CANDIDATE
 from training.hyperparameters import auto_of, train_config
-from training.pipeline import Prepared, RunOutcome, RunSpec, library_versions, run_training
+from training.pipeline import (
+    Prepared,
+    RunOutcome,
+    RunSpec,
+    evaluate_base,
+    library_versions,
+    run_training,
+)
 from training.promotion import exact_match_decides, verdict
 from training.recipe import StepReport, TrainingCancelled, init_overrides
 from training.render import TemplateError, reference_answer
@@ -75,6 +83,10 @@ class WorkerOptions:
     retrain_interval: float = 30.0
     """Seconds between runs of the retraining tick (``registry.retraining``: due policies
     queue jobs) in the poll loop; 0 turns it off for this worker."""
+    upgrade_interval: float = 10.0
+    """Seconds between steps of the running base upgrades (``registry.upgrades``: each
+    ``advance`` queues, compares, canaries and promotes what it can) in the poll loop; 0
+    turns it off for this worker."""
 
 
 def default_worker_id() -> str:
@@ -98,6 +110,8 @@ class Worker:
         self.retraining = RetrainingStore(store)
         self.drift = DriftStore(self.registry)
         self._next_retrain = 0.0
+        self.upgrades = UpgradeStore(self.registry)
+        self._next_upgrade = 0.0
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set; a registry outage pauses it, never ends it."""
@@ -105,6 +119,7 @@ class Worker:
             while not stop.is_set():
                 try:
                     self._maybe_retrain()
+                    self._maybe_advance_upgrades()
                     claimed = self.run_once()
                 except DATABASE_DOWN as exc:
                     log.warning("registry database unavailable (%s); retrying", type(exc).__name__)
@@ -131,6 +146,21 @@ class Worker:
             raise
         except Exception:
             log.exception("retraining tick failed; trying again in %.0f s", interval)
+
+    def _maybe_advance_upgrades(self) -> None:
+        """Every ``upgrade_interval`` seconds, step the running base upgrades (safe with
+        any number of callers: each step locks its item and checks its state first)."""
+        interval = self.options.upgrade_interval
+        if interval <= 0 or time.monotonic() < self._next_upgrade:
+            return
+        self._next_upgrade = time.monotonic() + interval
+        try:
+            for moved in self.upgrades.advance_running():
+                log.info("base upgrade: %s %s: %s", moved.adapter, moved.state, moved.message)
+        except DATABASE_DOWN:
+            raise
+        except Exception:
+            log.exception("base upgrade step failed; trying again in %.0f s", interval)
 
     def run_once(self) -> FineTuningJob | None:
         """Reap stale jobs, claim one and process it; the claimed job or None."""
@@ -203,6 +233,9 @@ class Worker:
     def _execute(self, job: FineTuningJob, lost: threading.Event) -> None:
         method: Method = "dpo" if job.method == "dpo" else "supervised"
         config = train_config(self.options.defaults, method, job.seed, job.hyperparameters)
+        if job.method == EVALUATION:
+            self._evaluate(job, config, lost)
+            return
         init = self._init(job)
         if init is not None:
             config = self._continued(job, config, init)
@@ -241,6 +274,37 @@ class Worker:
             raise JobLost(job.id)
         self._set_reference(job, trained, reference_sketch(outcome.prepared.splits))
         log.info("job %s succeeded: %s", job.id, model)
+
+    def _evaluate(self, job: FineTuningJob, config: TrainConfig, lost: threading.Event) -> None:
+        """An evaluation-only job (a base upgrade's): the base alone on the job's test
+        split, kept in the job's result; no adapter is trained or registered."""
+        spec = RunSpec(
+            base_dir=self.options.base_dir,
+            training=self._training_content(job),
+            config=config,
+            validation=self._content(job.tenant_id, job.validation_file),
+            schema=job.json_schema,
+            answer_regex=job.answer_regex,
+        )
+        scored = evaluate_base(spec)
+        self._on_prepared(job, scored.prepared)
+        if lost.is_set():
+            raise JobLost(job.id)
+        metrics = {} if scored.metrics is None else {BASE: scored.metrics.as_metrics()}
+        result = {
+            "metrics": metrics,
+            "decides": scored.decides,
+            "test_samples": 0 if scored.metrics is None else scored.metrics.samples,
+            "test_sha256": scored.prepared.test_sha256,
+            "dataset_sha256": scored.prepared.dataset_sha256,
+            "config_sha256": config.sha256(),
+        }
+        shown = (
+            ", ".join(f"{k} {v:.4g}" for k, v in metrics.get(BASE, {}).items()) or "no test split"
+        )
+        self.store.add_event(job.id, f"The base alone on the test split: {shown}", data=result)
+        if not self.store.succeed(job.id, self.worker_id, None, result):
+            raise JobLost(job.id)
 
     def _set_reference(
         self, job: FineTuningJob, trained: TrainedVersion, sketch: PromptSketch
@@ -321,6 +385,11 @@ class Worker:
         except NotFound:
             return None
         if target is None:
+            return None
+        serving = self.registry.get_version(job.tenant_id, job.adapter_name, target.version)
+        if serving.base_id != self.registry.get_base(job.base_fingerprint).id:
+            # A LoRA of another base does not fit this one (a base upgrade's retraining):
+            # the upgrade compares the two through their recorded eval results instead.
             return None
         path = self.registry.fetch_version(target.lora_name, self._scratch(job) / "production")
         return target.version, path

@@ -14,19 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from registry_testdata import BASE_NAME, build_adapter, build_tiny_base
 
 from registry import Actor, BaseModelRecord, Conflict, InvalidRequest, NotFound, Registry, Tenant
 from registry.events import EventLog
-from registry.jobs import FineTuningJob, JobStore, TrainedVersion, new_id
 from registry.models import utcnow
-from registry.registry import Score
-from registry.upgrades import EVALUATION, UpgradeOptions, UpgradeStore
-from registry.values import Provenance
-
-OPERATOR = Actor("cli:test", admin=True)
-NEW_NAME = "tiny-llama-2"
-WORKER = "test-worker"
+from registry.upgrades import UpgradeOptions, UpgradeStore
+from tests.registry.registry_testdata import BASE_NAME, build_adapter, build_tiny_base
+from tests.registry.upgrade_testdata import NEW_NAME, OPERATOR, WORKER, Fleet
 
 
 @pytest.fixture(scope="session")
@@ -38,59 +32,6 @@ def new_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def new_adapter(new_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_adapter(new_base_dir, tmp_path_factory.mktemp("new-adapter") / "a", seed=5)
-
-
-class Fleet:
-    """Tenant acme's adapters on the old base: ``bot`` and ``easy`` trained by jobs (exact
-    match 0.8 on fine-tune-test), ``up`` uploaded; tenant other's ``theirs`` (uploaded)."""
-
-    def __init__(self, registry: Registry, adapters: dict[str, Path], acme: int, other: int):
-        self.registry, self.jobs = registry, JobStore(registry)
-        self.acme, self.other = acme, other
-        self.adapters = adapters
-        self.trained("bot", adapters["v1"])
-        self.trained("easy", adapters["v2"])
-        for tenant_id, name, key in ((acme, "up", "v3"), (other, "theirs", "v3")):
-            registry.push_adapter(tenant_id, name, adapters[key], BASE_NAME, OPERATOR)
-            registry.promote(tenant_id, name, 1, OPERATOR)
-
-    def trained(self, name: str, weights: Path) -> None:
-        file = self.jobs.create_file(self.acme, "train.jsonl", "fine-tune", b'{"a": 1}\n')
-        base = self.registry.get_base(BASE_NAME)
-        job = FineTuningJob(
-            id=new_id("ftjob"), tenant_id=self.acme, model=BASE_NAME,
-            base_fingerprint=base.fingerprint, training_file=file.id, adapter_name=name,
-            seed=3, hyperparameters={"n_epochs": 2}, status="succeeded",
-            result={"promotion": {"summary": "exact match 80.0 % on 10 held-out examples"}},
-        )  # fmt: skip
-        self.jobs.create_job(job)
-        provenance = Provenance(training_job=job.id)
-        self.registry.push_adapter(self.acme, name, weights, BASE_NAME, OPERATOR, provenance)
-        self.registry.add_eval_result(self.acme, name, 1, "fine-tune-test", "exact_match", 0.8,
-                                      OPERATOR)  # fmt: skip
-        self.registry.promote(self.acme, name, 1, OPERATOR)
-
-    def evaluated(self, job_id: str, exact_match: float) -> None:
-        """Finish an evaluation-only job as a worker would."""
-        job = self.jobs.get_job(None, job_id)
-        assert job.method == EVALUATION and job.seed == 3
-        assert job.hyperparameters == {"n_epochs": 2}
-        claimed = self.jobs.claim(WORKER, [job.base_fingerprint])
-        assert claimed is not None and claimed.id == job_id
-        metrics = {"base": {"exact_match": exact_match, "loss": 1.0}}
-        result = {"metrics": metrics, "decides": "exact_match", "test_samples": 10}
-        assert self.jobs.succeed(job_id, WORKER, None, result)
-
-    def retrained(self, job_id: str, exact_match: float, weights: Path) -> str | None:
-        """Finish a retraining job as a worker would (``JobStore.complete``)."""
-        job = self.jobs.get_job(None, job_id)
-        assert job.method == "supervised" and job.init_version_id is None
-        claimed = self.jobs.claim(WORKER, [job.base_fingerprint])
-        assert claimed is not None and claimed.id == job_id
-        staged = self.registry.stage_adapter(self.acme, job.adapter_name, weights, NEW_NAME)
-        score = Score("fine-tune-test", "exact_match", exact_match, 10)
-        trained = TrainedVersion(staged, Provenance(training_job=job_id), "retrained", {}, [score])
-        return self.jobs.complete(job_id, WORKER, trained)
 
 
 @pytest.fixture
