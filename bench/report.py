@@ -221,6 +221,7 @@ TITLES = {
     "multi_adapter": "Multi-adapter throughput (item 3)",
     "placement": "Placement at fleet scale (item 4)",
     "registry": "Registry (item 6)",
+    "routing": "Routed models: what a routing decision costs (issue 19)",
 }
 """Section order and titles; results with other names follow, titled by their file name."""
 

@@ -13,6 +13,7 @@ echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" bench/placement.py
 "$PY" -m bench.gateway "${QUICK[@]}"
 "$PY" -m bench.shadow_overhead "${QUICK[@]}"
+"$PY" -m bench.routing "${QUICK[@]}"
 "$PY" -m bench.registry_bench "${QUICK[@]}"
 "$PY" -m bench.engine_suite "${QUICK[@]}"
 "$PY" -m bench.noisy_neighbour "${QUICK[@]}"
