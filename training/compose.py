@@ -34,7 +34,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft.utils import merge_utils
@@ -49,10 +49,10 @@ from registry import (
     Registry,
 )
 from registry.adapter_names import check_adapter_name
+from registry.archive import CONFIG_FILE, WEIGHTS_FILE
 from registry.bundle import unpack_bundle
 from registry.models import RETIRED
 
-Method = Literal["linear", "ties", "dare_linear", "dare_ties"]
 METHODS: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties")
 PEFT_COMBINATION: dict[str, str] = {
     "linear": "svd",
@@ -68,8 +68,7 @@ MAJORITY_SIGN_METHODS = ("total", "frequency")
 MAX_PARENTS = 16
 """More would be a slow request (one SVD per module and parent count) for no known use."""
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT's tensor names, as registry.validation reads them.
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -174,7 +173,9 @@ class LoadedAdapter:
     """A PEFT adapter's config and tensors, in memory."""
 
     config: dict[str, Any]
+    """Its ``adapter_config.json``."""
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    """Its ``adapter_model.safetensors``, by tensor name."""
 
     @classmethod
     def load(cls, directory: Path) -> LoadedAdapter:
