@@ -460,13 +460,10 @@ class UpgradeStore(Store):
     def for_tenant(self, tenant_id: int) -> list[UpgradeView]:
         """The upgrades that move the tenant's adapters, with only the tenant's items."""
         with self._read() as s:
-            query = (
-                select(BaseUpgrade)
-                .join(BaseUpgradeItem, col(BaseUpgradeItem.upgrade_id) == BaseUpgrade.id)
-                .where(BaseUpgradeItem.tenant_id == tenant_id)
-                .distinct()
-            )
-            rows = sorted(s.exec(query).all(), key=lambda r: _aware(r.created_at), reverse=True)
+            # By id, not DISTINCT over the rows: PostgreSQL cannot compare JSON columns.
+            mine = select(BaseUpgradeItem.upgrade_id).where(BaseUpgradeItem.tenant_id == tenant_id)
+            query = select(BaseUpgrade).where(col(BaseUpgrade.id).in_(mine))
+            rows = s.exec(query.order_by(col(BaseUpgrade.created_at).desc())).all()
             return [self._view(s, row, tenant_id) for row in rows]
 
     # -- the owner's choice and cancelling --------------------------------------------------

@@ -19,6 +19,7 @@ from server.api.jobs_routes import routes as jobs_router
 from server.api.registry_routes import routes as registry_router
 from server.api.retraining_routes import routes as retraining_router
 from server.api.routed_model_routes import routes as routed_model_router
+from server.api.upgrade_routes import routes as upgrade_router
 from server.api.usage_routes import routes as usage_router
 from server.api.webhook_routes import routes as webhook_router
 from server.config import Settings
@@ -48,5 +49,6 @@ def create_app(
     app.include_router(events_router)
     app.include_router(webhook_router)
     app.include_router(routed_model_router)
+    app.include_router(upgrade_router)
     attach_webhooks(app, settings, registry)  # the SSRF guard, and the deliverer's loop
     return app

@@ -184,7 +184,7 @@ def test_a_failed_retraining_or_gate_fails_the_item_and_keeps_production(
     store.advance(uid)
     fleet.retrained(_item(store, uid, "bot").retrain_job, 0.85, new_adapter)  # gate: 0.9
     easy = fleet.jobs.get_job(None, _item(store, uid, "easy").retrain_job)
-    fleet.jobs.claim(WORKER, [easy.base_fingerprint])
+    fleet.hold(easy.id)
     fleet.jobs.fail(easy.id, WORKER, "training_error", "out of memory")
     store.advance(uid)
     bot, failed_easy = _item(store, uid, "bot"), _item(store, uid, "easy")

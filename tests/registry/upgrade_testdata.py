@@ -47,13 +47,20 @@ class Fleet:
                                       OPERATOR)  # fmt: skip
         self.registry.promote(self.acme, name, 1, OPERATOR)
 
+    def hold(self, job_id: str) -> None:
+        """Make the job this test's worker's, running (claims go oldest first)."""
+        with self.registry._write() as s:
+            job = s.get_one(FineTuningJob, job_id, with_for_update=True)
+            assert job.status == "queued"
+            job.status, job.worker_id, job.attempts = "running", WORKER, 1
+            s.add(job)
+
     def evaluated(self, job_id: str, exact_match: float) -> None:
         """Finish an evaluation-only job as a worker would."""
         job = self.jobs.get_job(None, job_id)
         assert job.method == EVALUATION and job.seed == 3
         assert job.hyperparameters == {"n_epochs": 2}
-        claimed = self.jobs.claim(WORKER, [job.base_fingerprint])
-        assert claimed is not None and claimed.id == job_id
+        self.hold(job_id)
         metrics = {"base": {"exact_match": exact_match, "loss": 1.0}}
         result = {"metrics": metrics, "decides": "exact_match", "test_samples": 10}
         assert self.jobs.succeed(job_id, WORKER, None, result)
@@ -62,8 +69,7 @@ class Fleet:
         """Finish a retraining job as a worker would (``JobStore.complete``)."""
         job = self.jobs.get_job(None, job_id)
         assert job.method == "supervised" and job.init_version_id is None
-        claimed = self.jobs.claim(WORKER, [job.base_fingerprint])
-        assert claimed is not None and claimed.id == job_id
+        self.hold(job_id)
         staged = self.registry.stage_adapter(self.acme, job.adapter_name, weights, NEW_NAME)
         score = Score("fine-tune-test", "exact_match", exact_match, 10)
         trained = TrainedVersion(staged, Provenance(training_job=job_id), "retrained", {}, [score])
