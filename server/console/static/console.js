@@ -108,6 +108,8 @@ function confirmed(question) {
 
 /** A write through the REST API behind the confirmation dialog, then the view again. */
 async function change(question, method, path, body, done) {
+  const box = $("#problem");
+  if (box !== null) box.hidden = true; // an earlier refusal no longer applies
   if (!(await confirmed(question))) {
     say("Cancelled: nothing changed.");
     return;

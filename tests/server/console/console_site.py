@@ -17,7 +17,9 @@ from pathlib import Path
 import uvicorn
 
 from registry import Actor, Gate, LocalBlobStore, Registry
+from registry.datasets import DatasetStore
 from registry.jobs import FineTuningJob, JobStore
+from registry.retraining import PolicySpec, RetrainingStore
 from server.app import create_app
 from server.config import Settings
 from tests.registry.registry_testdata import BASE_NAME, BASE_REVISION, build_adapter
@@ -99,6 +101,9 @@ def _job(registry: Registry, tenant_id: int, fingerprint: str) -> None:
         if step % 5 == 0:
             store.add_checkpoint(JOB_ID, step, {**data, "valid_loss": loss * 1.15})
     store.add_event(JOB_ID, "Job succeeded")
+    DatasetStore(store).create(tenant_id, "tickets")  # the loop: retrain it daily on them
+    spec = PolicySpec(dataset="tickets", every_seconds=86_400)
+    RetrainingStore(store).set_policy(tenant_id, LIFECYCLE, spec, ROOT)
 
 
 def _usage(registry: Registry, tenant_id: int) -> None:

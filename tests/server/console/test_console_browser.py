@@ -210,6 +210,7 @@ def test_promote_canary_and_rollback_change_the_registry_as_the_signed_in_key(
 
     # The audit view shows the three changes, named as this key.
     page.get_by_role("link", name="Audit log").click()
+    page.get_by_role("heading", name="Audit log").wait_for()
     rows = page.get_by_role("row").filter(has_text=site.tenant_actor)
     rows.filter(has_text="adapter.rolled_back").wait_for()
     assert rows.filter(has_text="adapter.promoted").count() >= 1
@@ -221,8 +222,9 @@ def test_a_promote_a_gate_refuses_says_why_and_changes_nothing(site: Site, page:
     confirm(page)
     alert = page.locator("#problem")
     alert.wait_for()
-    assert "Promotion refused by a gate" in alert.inner_text()
-    assert "qa/accuracy" in alert.inner_text() or "accuracy" in alert.inner_text()
+    shown = alert.inner_text()
+    assert "Promotion refused by a gate" in shown
+    assert "qa/accuracy: 0.5 misses the minimum 0.9" in shown  # the failed gate, named
     assert production(site.registry, site.tenant_id, STRICT) == 1
 
 
@@ -268,6 +270,7 @@ def test_the_keyboard_alone_reaches_promote_and_its_dialog(site: Site, page: Any
 def test_jobs_show_their_loss_curve_and_events(site: Site, page: Any, shots: Path) -> None:
     sign_in(page, site)
     page.get_by_role("link", name="Fine-tuning jobs").click()
+    page.get_by_role("heading", name="Fine-tuning jobs").wait_for()
     page.get_by_role("link", name=JOB_ID).click()
     page.get_by_role("heading", name=f"Job {JOB_ID}").wait_for()
     chart = page.locator("svg.chart")
@@ -275,6 +278,17 @@ def test_jobs_show_their_loss_curve_and_events(site: Site, page: Any, shots: Pat
     assert chart.locator("circle").count() == 20 + 4
     assert page.get_by_role("cell", name="Job succeeded").is_visible()
     shoot(page, shots, "job")
+
+
+def test_retraining_loops_are_listed(site: Site, page: Any) -> None:
+    sign_in(page, site)
+    page.get_by_role("link", name="Retraining loops").click()
+    page.get_by_role("heading", name="Retraining loops").wait_for()
+    row = page.get_by_role("row").filter(has_text="every")
+    row.wait_for()
+    assert "every 86400 s" in row.inner_text()
+    row.get_by_role("link", name=LIFECYCLE).click()  # to the adapter it retrains
+    page.get_by_role("heading", name=f"Adapter {LIFECYCLE}").wait_for()
 
 
 def test_usage_is_charted_over_time(site: Site, page: Any, shots: Path) -> None:
@@ -297,4 +311,5 @@ def test_an_admin_key_picks_a_tenant_and_reads_the_audit_log(site: Site, page: A
     page.get_by_label("Tenant").select_option("acme")
     page.get_by_role("link", name=STRICT, exact=True).wait_for()
     page.get_by_role("link", name="Audit log").click()
+    page.get_by_role("heading", name="Audit log").wait_for()
     page.get_by_role("row").filter(has_text="adapter.gates").first.wait_for()
