@@ -26,6 +26,7 @@ from server.cli import remote_commands as remote_cli
 from server.cli import retraining_commands as retraining_cli
 from server.cli import routed_model_commands as routed_model_cli
 from server.cli import shadow_commands as shadow_cli
+from server.cli import upgrade_commands as upgrade_cli
 from server.cli import usage_commands as usage_cli
 from server.cli import webhook_commands as webhook_cli
 from server.cli import worker_commands as worker_cli
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_cli.add_commands(sub)
     webhook_cli.add_commands(sub)
     routed_model_cli.add_commands(sub)
+    upgrade_cli.add_commands(sub)
     return parser
 
 
