@@ -67,8 +67,11 @@ function table(caption, headers, rows) {
   );
 }
 
+let sections = 0;
+
 function section(title, ...children) {
-  const id = `h-${title.toLowerCase().replace(/[^a-z0-9]+/g, "-")}`;
+  sections += 1; // a fresh id each time: two sections may share a title
+  const id = `section-${sections}`;
   return el("section", { "aria-labelledby": id }, el("h3", { id }, title), ...children);
 }
 
@@ -305,6 +308,30 @@ async function loopsView() {
   return [el("h2", { tabindex: -1 }, "Retraining loops"), table("Retraining policies", headers, rows)];
 }
 
+async function upgradesView() {
+  const { data } = await api("GET", session.admin ? "/admin/bases/upgrades" : "/v1/upgrades");
+  const heading = el("h2", { tabindex: -1 }, "Base upgrades");
+  if (data.length === 0) return [heading, el("p", {}, "No base upgrade moves these adapters.")];
+  return [heading, ...data.map(upgradeSection)];
+}
+
+function upgradeSection(upgrade) {
+  // An admin who picked a tenant sees that tenant's items; a tenant only ever gets its own.
+  const items = upgrade.items.filter((i) => !session.admin || !session.tenant || i.tenant === session.tenant);
+  const scores = (s) => Object.entries(s || {}).map(([k, v]) => `${k}=${typeof v === "number" ? num(v) : v}`).join(", ");
+  const rows = items.map((i) => [
+    i.tenant, i.adapter, `v${i.old_version}`, i.kind, i.state, scores(i.scores),
+    i.new_version ? `v${i.new_version}` : "", iso(i.deadline), i.choice ?? "", i.note ?? "",
+  ]);
+  const deadline = upgrade.deadline ?? upgrade.options?.deadline;
+  const headers = ["Tenant", "Adapter", "From", "Kind", "State", "Scores", "New version", "Deadline", "Choice", "Note"];
+  return section(
+    `${upgrade.old_base} → ${upgrade.new_base}: ${upgrade.state}`,
+    el("p", {}, `Upgrade ${upgrade.id}${deadline ? `, deadline ${iso(deadline)}` : ""}`),
+    table("Adapters this upgrade moves", headers, rows),
+  );
+}
+
 async function usageView() {
   if (session.admin && !session.tenant) return el("p", {}, "Pick a tenant above to see its usage.");
   const path = session.admin ? `/admin/usage?tenant=${enc(session.tenant)}` : "/v1/usage";
@@ -372,6 +399,7 @@ const VIEWS = [
   [/^#\/jobs\/(.+)$/, (m) => jobView(decodeURIComponent(m[1]))],
   [/^#\/jobs$/, jobsView],
   [/^#\/loops$/, loopsView],
+  [/^#\/upgrades$/, upgradesView],
   [/^#\/usage$/, usageView],
   [/^#\/audit$/, auditView],
   [/^/, adaptersView],

@@ -20,9 +20,15 @@ from registry import Actor, Gate, LocalBlobStore, Registry
 from registry.datasets import DatasetStore
 from registry.jobs import FineTuningJob, JobStore
 from registry.retraining import PolicySpec, RetrainingStore
+from registry.upgrades import UpgradeOptions, UpgradeStore
 from server.app import create_app
 from server.config import Settings
-from tests.registry.registry_testdata import BASE_NAME, BASE_REVISION, build_adapter
+from tests.registry.registry_testdata import (
+    BASE_NAME,
+    BASE_REVISION,
+    build_adapter,
+    build_tiny_base,
+)
 
 ROOT = Actor("console-test-root", admin=True)
 XSS = "<img src=x onerror=alert(1)> answers support tickets"
@@ -32,6 +38,8 @@ LIFECYCLE = "support-bot"
 STRICT = "strict-bot"
 """A gate (qa/accuracy at least 0.9) that its v2 (0.5) fails."""
 JOB_ID = "ftjob-console-demo"
+NEW_BASE = "tiny-llama-next"
+"""The base an upgrade moves acme's adapters to."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,13 @@ def _usage(registry: Registry, tenant_id: int) -> None:
                                   completion_tokens=120, day=day)  # fmt: skip
 
 
+def _upgrade(registry: Registry, work: Path) -> None:
+    """A base upgrade started (nothing advanced): every adapter on the old base is an item."""
+    build_tiny_base(work / "next", hidden=64, intermediate=128)
+    registry.register_base(work / "next", NEW_BASE, BASE_REVISION, ROOT)
+    UpgradeStore(registry).start(BASE_NAME, NEW_BASE, UpgradeOptions(), ROOT)
+
+
 def seed(registry: Registry, work: Path) -> tuple[int, str, str, str]:
     """Tenant acme with two adapters, a job and usage: (its id, tenant key, its actor,
     an admin key). ``work / "base"`` must hold the tiny base."""
@@ -133,6 +148,7 @@ def seed(registry: Registry, work: Path) -> tuple[int, str, str, str]:
     registry.set_gates(tenant_id, STRICT, [Gate("qa", "accuracy", min_value=0.9)], ROOT)
     _job(registry, tenant_id, base.fingerprint)
     _usage(registry, tenant_id)
+    _upgrade(registry, work)
     return tenant_id, tenant_key, f"key:{record.id}", admin_key
 
 

@@ -21,10 +21,11 @@ import httpx
 import pytest
 
 from registry import Registry
-from tests.registry.registry_testdata import build_tiny_base
+from tests.registry.registry_testdata import BASE_NAME, BASE_REVISION, build_tiny_base
 from tests.server.console.console_site import (
     JOB_ID,
     LIFECYCLE,
+    NEW_BASE,
     STRICT,
     XSS,
     Site,
@@ -291,6 +292,19 @@ def test_retraining_loops_are_listed(site: Site, page: Any) -> None:
     page.get_by_role("heading", name=f"Adapter {LIFECYCLE}").wait_for()
 
 
+def test_base_upgrades_show_each_adapter_they_move(site: Site, page: Any, shots: Path) -> None:
+    sign_in(page, site)
+    page.get_by_role("link", name="Base upgrades").click()
+    title = f"{BASE_NAME}@{BASE_REVISION} → {NEW_BASE}@{BASE_REVISION}: running"
+    page.get_by_role("heading", name=title).wait_for()
+    rows = page.get_by_role("row").filter(has_text="acme")
+    assert rows.count() == 2  # support-bot and strict-bot, each at its production version
+    for adapter in (LIFECYCLE, STRICT):
+        row = rows.filter(has_text=adapter).inner_text()
+        assert "planned" in row and "no training job to retrain from" in row  # and why
+    shoot(page, shots, "upgrades")
+
+
 def test_usage_is_charted_over_time(site: Site, page: Any, shots: Path) -> None:
     sign_in(page, site)
     page.get_by_role("link", name="Usage").click()
@@ -313,3 +327,6 @@ def test_an_admin_key_picks_a_tenant_and_reads_the_audit_log(site: Site, page: A
     page.get_by_role("link", name="Audit log").click()
     page.get_by_role("heading", name="Audit log").wait_for()
     page.get_by_role("row").filter(has_text="adapter.gates").first.wait_for()
+    page.get_by_role("link", name="Base upgrades").click()  # the operator's side of them
+    page.get_by_role("heading", name="Base upgrades").wait_for()
+    assert page.get_by_role("row").filter(has_text="acme").count() == 2
