@@ -5,10 +5,10 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo fleet serve test test-unit lint bench bench-noisy reliability chaos clean
+.PHONY: help install demo demo-routing fleet serve test test-unit lint bench bench-noisy reliability chaos clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## build .venv with loraplex, vLLM (CPU or GPU build) and the dev tools
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml deploy/install.sh
 
 demo: install  ## build the demo base, start the server, send requests with the openai client
 	$(PY) -m server.dev.demo
+
+demo-routing: install  ## a routed model: a fine-tuned classifier picks one of three adapters per request; its routing eval
+	$(PY) -m server.dev.demo_routing
 
 fleet: install  ## the production topology on loopback: 2 bases, an engine and a worker per base, 2 gateways, Redis, PostgreSQL, S3
 	$(PY) -m server.dev.fleet

@@ -37,13 +37,10 @@ from server.dev.demo_site import (
     HOME,
     OPERATOR,
     demo_registry,
+    run_alone,
     say,
-    start_server,
-    start_worker,
     tenant_key,
-    wait_ready,
 )
-from server.dev.fleet import free_port
 
 TENANT = "acme"
 ADAPTER = "acme-intent"
@@ -612,23 +609,7 @@ def run_turn(url: str, base: str) -> list[tuple[str, str, str]]:
 
 def main() -> int:
     """The turn alone: the demo base, a server and a worker of its own."""
-    from training.demo_base import build_demo_base
-
-    base = build_demo_base(HOME / "demo-base")
-    url = f"http://127.0.0.1:{free_port()}"
-    say(f"starting `loraplex serve` on {url} and `loraplex worker` (logs: {HOME / 'logs'})")
-    server = start_server(base, int(url.rsplit(":", 1)[1]), HOME / "logs" / "demo-serve.log")
-    try:
-        wait_ready(url, server)
-        worker = start_worker(base, HOME / "logs" / "demo-worker.log")
-        try:
-            run_turn(url, base.name)
-        finally:
-            worker.stop()
-    finally:
-        say("stopping the server, its engine and the worker")
-        server.stop()
-    return 0
+    return run_alone(run_turn)
 
 
 if __name__ == "__main__":

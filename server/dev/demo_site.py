@@ -9,6 +9,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -90,3 +91,26 @@ def start_worker(base: Path, log_path: Path) -> Process:
     loraplex = Path(sys.executable).with_name("loraplex")
     cmd = [str(loraplex), "worker", "--home", str(HOME), "--base-model", str(base)]
     return _demo_process("loraplex worker", cmd, log_path)
+
+
+def run_alone(turn: Callable[[str, str], object]) -> int:
+    """One demo turn on a server and a worker of its own (the demo base built if needed):
+    ``turn(url, base name)``; -> the exit status."""
+    from training.demo_base import build_demo_base
+
+    base = build_demo_base(HOME / "demo-base")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    say(f"starting `loraplex serve` on {url} and `loraplex worker` (logs: {HOME / 'logs'})")
+    server = start_server(base, port, HOME / "logs" / "demo-serve.log")
+    try:
+        wait_ready(url, server)
+        worker = start_worker(base, HOME / "logs" / "demo-worker.log")
+        try:
+            turn(url, base.name)
+        finally:
+            worker.stop()
+    finally:
+        say("stopping the server, its engine and the worker")
+        server.stop()
+    return 0
