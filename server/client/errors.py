@@ -45,9 +45,10 @@ class LoraplexError(Exception):
         return self.status in (429, 503) and self.retry_after is not None
 
     def __str__(self) -> str:
-        where = f"HTTP {self.status}" if self.status is not None else "no answer"
+        if self.status is None:  # the message says why no answer came
+            return self.message
         code = f" {self.code}" if self.code else ""
-        return f"{self.message} ({where}{code})"
+        return f"{self.message} (HTTP {self.status}{code})"
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> LoraplexError:
