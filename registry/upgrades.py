@@ -710,15 +710,17 @@ class UpgradeStore(Store):
 
     def _meets_bar_state(self, step: _Step) -> bool:
         item = step.item
-        choice = item.choice
+        choice, why = item.choice, "the owner chose to"
         if choice is None and item.deadline is not None and step.now >= _aware(item.deadline):
-            choice = step.options.unanswered_past_deadline
-            item.note = f"no choice by the deadline; the operator's default: {choice}"
+            choice, why = step.options.unanswered_past_deadline, "no choice by the deadline: "
+            why += "the operator's default,"
         if choice is None:
             return False
         if choice == "retrain":
-            return self._retrain(step, "retraining, as chosen")
-        return self._retire_old(step, RETIRED_ITEM, "retired: the new base alone meets its bar")
+            return self._retrain(step, f"{why} retrain")
+        return self._retire_old(
+            step, RETIRED_ITEM, f"{why} retire (the new base alone meets its bar)"
+        )
 
     def _awaiting(self, step: _Step) -> bool:
         item = step.item
