@@ -632,8 +632,10 @@ class UpgradeStore(Store):
         s.add(row)
         old = s.get_one(BaseModelRecord, row.old_base_id)
         action = "base.upgrade.done" if state == DONE else "base.upgrade.cancel"
-        audit.record(s, actor, action, f"base:{_label(old)}",
-                     after={"upgrade": row.id, "state": state, "report": row.report})  # fmt: skip
+        # A platform event every tenant reads: counts only, never other tenants' names.
+        counts = {name: len(names) for name, names in row.report["items"].items()}
+        after = {"upgrade": row.id, "state": state, "items": counts}
+        audit.record(s, actor, action, f"base:{_label(old)}", after=after)
 
     def _report(self, s: Session, row: BaseUpgrade) -> dict[str, Any]:
         """What each item ended as, and every version still active on the old base."""

@@ -138,6 +138,10 @@ def _events_say_so(registry: Registry, fleet: Fleet) -> None:
     events = EventLog(registry).read(fleet.acme, limit=1000)
     types = [e.type for e in events]
     assert "base.upgrade.started" in types and "base.upgrade.completed" in types
+    completed = next(e for e in events if e.type == "base.upgrade.completed")
+    assert completed.tenant is None and completed.data["after"]["items"] == {
+        "migrated": 1, "retired": 3,
+    }  # fmt: skip
     for kind in ("action_required", "retrained", "promoted", "retired", "chosen"):
         assert f"adapter.upgrade.{kind}" in types, kind
     asked = next(
@@ -226,3 +230,27 @@ def test_options_are_checked_all_at_once(
         UpgradeStore(registry).start(BASE_NAME, NEW_NAME, past, OPERATOR)
     with pytest.raises(NotFound):
         UpgradeStore(registry).get("upg_nothing")
+
+
+def test_a_canary_failing_more_than_production_is_rolled_back(
+    registry: Registry, fleet: Fleet, new_base: BaseModelRecord, new_adapter: Path
+) -> None:
+    store = UpgradeStore(registry)
+    uid = store.start(BASE_NAME, NEW_NAME, _options(canary_seconds=60), OPERATOR).row.id
+    store.advance(uid)
+    fleet.evaluated(_item(store, uid, "bot").eval_job, 0.1)
+    fleet.evaluated(_item(store, uid, "easy").eval_job, 0.1)
+    store.advance(uid)
+    fleet.retrained(_item(store, uid, "bot").retrain_job, 0.85, new_adapter)
+    store.advance(uid)
+    assert _item(store, uid, "bot").state == "canary"
+    assert registry.aliases(fleet.acme, "bot")["canary"].version == 2
+    assert store.advance(uid) == []  # the canary runs for its 60 s first
+    registry.record_usage(fleet.acme, "bot", 2, requests=10, errors=3)
+    registry.record_usage(fleet.acme, "bot", 1, requests=90, errors=0)
+    moved = store.advance(uid, now=utcnow() + dt.timedelta(seconds=61))
+    assert [(t.adapter, t.state) for t in moved] == [("bot", "failed")]
+    assert "canary error rate 30.00% is worse than production's 0.00%" in moved[0].message
+    aliases = registry.aliases(fleet.acme, "bot")
+    assert "canary" not in aliases and aliases["production"].version == 1
+    assert registry.get_version(fleet.acme, "bot", 1).state == "active"
