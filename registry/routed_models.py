@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import JSON, UniqueConstraint, func
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -42,9 +42,6 @@ from registry.gates import TOLERANCE
 from registry.models import Adapter, AdapterVersion, BaseModelRecord, timestamp_column, utcnow
 from registry.store import NUL, Store
 from registry.values import Actor
-
-if TYPE_CHECKING:
-    from registry.registry import Registry
 
 ROUTING_SUITE = "routing"
 """The default suite of routing evals."""
@@ -379,8 +376,9 @@ def refuse_routed_model_name(s: Session, tenant_id: int, name: str) -> None:
 class RoutedModelStore(Store):
     """Routed models: versions of their policies, evals, gates, promotion and rollback."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, registry: Store) -> None:
+        # Any Store (the Registry facade in practice): registry.registry imports this
+        # module for the name check at push, so it must not import that one back.
         self.database, self.blobs, self.limits = registry.database, registry.blobs, registry.limits
 
     def save_version(

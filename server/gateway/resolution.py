@@ -10,16 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import router
 from registry import lora_names
 from server.errors import APIError, model_not_found
 from server.gateway.routed import RoutedChoice, RoutedModel
 from server.gateway.tenancy import Caller, Tenancy
-
-if TYPE_CHECKING:  # content_routing calls engines through the proxy, which imports this
-    from server.gateway.content_routing import ContentRouter
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -110,6 +107,19 @@ def routed_target_gone(model: str, target: str) -> APIError:
     )
 
 
+class RoutedModels(Protocol):
+    """What the resolver uses of ``content_routing.ContentRouter`` (which reaches engines
+    through the proxy, and the proxy imports this module)."""
+
+    async def routed_model(self, tenant_id: int, name: str) -> RoutedModel | None: ...
+
+    async def names(self, tenant_id: int) -> list[str]: ...
+
+    async def decide(
+        self, caller: Caller, routed: RoutedModel, text: router.RequestText
+    ) -> router.RoutingDecision: ...
+
+
 class Resolver:
     """Turns ``(caller, body)`` into a :class:`Route` from the cached registry view."""
 
@@ -118,7 +128,7 @@ class Resolver:
         tenancy: Tenancy,
         bases: Mapping[str, str],
         unidentified: Callable[[], bool],
-        content: ContentRouter | None = None,
+        content: RoutedModels | None = None,
     ) -> None:
         self.tenancy = tenancy
         self.content = content
