@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -109,9 +109,9 @@ class Worker:
         """Where this worker says it is alive, so a job for its base does not say it waits."""
         self.retraining = RetrainingStore(store)
         self.drift = DriftStore(self.registry)
-        self._next_retrain = 0.0
         self.upgrades = UpgradeStore(self.registry)
-        self._next_upgrade = 0.0
+        self._next_tick: dict[str, float] = {}
+        """When each periodic tick (``_periodically``) runs next, by name (monotonic)."""
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set; a registry outage pauses it, never ends it."""
@@ -134,33 +134,36 @@ class Worker:
         """Every ``retrain_interval`` seconds, run the retraining policies that are due.
 
         Any worker may run the tick (its claims are safe with many); jobs it queues go to
-        whichever worker holds their base. A failing tick must not stop the job loop."""
-        interval = self.options.retrain_interval
-        if interval <= 0 or time.monotonic() < self._next_retrain:
-            return
-        self._next_retrain = time.monotonic() + interval
-        try:
+        whichever worker holds their base."""
+
+        def tick() -> None:
             for outcome in self.retraining.tick():
                 log.info("retraining policy of %s: %s", outcome.adapter, outcome.message)
-        except DATABASE_DOWN:
-            raise
-        except Exception:
-            log.exception("retraining tick failed; trying again in %.0f s", interval)
+
+        self._periodically("retraining", self.options.retrain_interval, tick)
 
     def _maybe_advance_upgrades(self) -> None:
         """Every ``upgrade_interval`` seconds, step the running base upgrades (safe with
         any number of callers: each step locks its item and checks its state first)."""
-        interval = self.options.upgrade_interval
-        if interval <= 0 or time.monotonic() < self._next_upgrade:
-            return
-        self._next_upgrade = time.monotonic() + interval
-        try:
+
+        def tick() -> None:
             for moved in self.upgrades.advance_running():
                 log.info("base upgrade: %s %s: %s", moved.adapter, moved.state, moved.message)
+
+        self._periodically("base upgrade", self.options.upgrade_interval, tick)
+
+    def _periodically(self, name: str, interval: float, tick: Callable[[], None]) -> None:
+        """Run ``tick`` when ``interval`` seconds (0: never) passed since it last ran. A
+        failing tick must not stop the job loop; a registry outage is the loop's to handle."""
+        if interval <= 0 or time.monotonic() < self._next_tick.get(name, 0.0):
+            return
+        self._next_tick[name] = time.monotonic() + interval
+        try:
+            tick()
         except DATABASE_DOWN:
             raise
         except Exception:
-            log.exception("base upgrade step failed; trying again in %.0f s", interval)
+            log.exception("%s tick failed; trying again in %.0f s", name, interval)
 
     def run_once(self) -> FineTuningJob | None:
         """Reap stale jobs, claim one and process it; the claimed job or None."""
