@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from foreign_checks import assert_foreign_reads_as_unknown
 from registry_testdata import BASE_NAME
 
-from registry import Actor, AdapterVersion, InvalidRequest, NotFound, Registry, Tenant
+from registry import Actor, BaseModelRecord, InvalidRequest, NotFound, Registry, Tenant
 from registry.custom_aliases import CustomAliases
 from registry.version_tags import MAX_TAGS, MAX_VALUE_LENGTH, VersionTags, parse_tag_filter
 
@@ -18,16 +19,16 @@ USER = Actor("key:7")
 
 @pytest.fixture
 def bot_v2(
-    registry: Registry, tenant: Tenant, bot_v1: AdapterVersion, adapters: dict[str, Path]
-) -> AdapterVersion:
-    """``bot`` with version 1 in production and version 2 pushed."""
-    assert tenant.id is not None
-    registry.promote(tenant.id, "bot", 1, USER)
-    return registry.push_adapter(tenant.id, "bot", adapters["v2"], BASE_NAME, USER)
+    registry: Registry, tenant: Tenant, base: BaseModelRecord, adapters: dict[str, Path]
+) -> None:
+    """acme's ``bot``: versions 1 and 2, version 1 in production."""
+    for seed in ("v1", "v2"):
+        registry.push_adapter(tenant.id or 0, "bot", adapters[seed], BASE_NAME, USER)
+    registry.promote(tenant.id or 0, "bot", 1, USER)
 
 
 def test_tags_are_merged_deleted_and_audited(
-    registry: Registry, tenant: Tenant, bot_v2: AdapterVersion
+    registry: Registry, tenant: Tenant, bot_v2: None
 ) -> None:
     assert tenant.id is not None
     tags = VersionTags(registry)
@@ -52,7 +53,7 @@ def test_tags_are_merged_deleted_and_audited(
 
 
 def test_bad_tags_are_refused_with_every_problem_and_nothing_written(
-    registry: Registry, tenant: Tenant, bot_v2: AdapterVersion
+    registry: Registry, tenant: Tenant, bot_v2: None
 ) -> None:
     assert tenant.id is not None
     tags = VersionTags(registry)
@@ -73,7 +74,7 @@ def test_bad_tags_are_refused_with_every_problem_and_nothing_written(
 
 
 def test_search_holds_every_tag_and_alias_filter(
-    registry: Registry, tenant: Tenant, bot_v2: AdapterVersion, adapters: dict[str, Path]
+    registry: Registry, tenant: Tenant, bot_v2: None, adapters: dict[str, Path]
 ) -> None:
     assert tenant.id is not None
     registry.push_adapter(tenant.id, "helper", adapters["v3"], BASE_NAME, USER)
@@ -103,26 +104,19 @@ def test_search_holds_every_tag_and_alias_filter(
 
 
 def test_another_tenants_versions_are_never_tagged_or_found(
-    registry: Registry, tenant: Tenant, bot_v2: AdapterVersion
+    registry: Registry, tenant: Tenant, bot_v2: None
 ) -> None:
-    assert tenant.id is not None
-    other = registry.create_tenant("globex", USER)
-    assert other.id is not None
+    other = registry.create_tenant("globex", USER).id or 0
     tags = VersionTags(registry)
-    tags.set_tags(tenant.id, "bot", 2, {"team": "search"}, USER)
-    CustomAliases(registry).set_alias(tenant.id, "bot", "staging", 2, USER)
-    assert tags.search(other.id, [("team", "search")], []) == []
-    assert tags.search(other.id, [], ["staging"]) == []
-    assert tags.search(other.id) == []
-    calls = [
-        lambda n: tags.set_tags(other.id or 0, n, 2, {"a": "b"}, USER),
-        lambda n: tags.delete_tag(other.id or 0, n, 2, "team", USER),
-        lambda n: tags.tags(other.id or 0, n, 2),
-    ]
-    for call in calls:
-        with pytest.raises(NotFound) as foreign:
-            call("bot")
-        with pytest.raises(NotFound) as unknown:
-            call("nobody")
-        assert str(foreign.value) == str(unknown.value).replace("nobody", "bot")
-    assert tags.tags(tenant.id, "bot", 2) == {"team": "search"}
+    tags.set_tags(tenant.id or 0, "bot", 2, {"team": "search"}, USER)
+    CustomAliases(registry).set_alias(tenant.id or 0, "bot", "staging", 2, USER)
+    for tag_filters, alias_filters in [([("team", "search")], []), ([], ["staging"]), ([], [])]:
+        assert tags.search(other, tag_filters, alias_filters) == []
+    assert_foreign_reads_as_unknown(
+        [
+            lambda n: tags.set_tags(other, n, 2, {"a": "b"}, USER),
+            lambda n: tags.delete_tag(other, n, 2, "team", USER),
+            lambda n: tags.tags(other, n, 2),
+        ]
+    )
+    assert tags.tags(tenant.id or 0, "bot", 2) == {"team": "search"}

@@ -21,20 +21,21 @@ ROOT = Actor("test-root", admin=True)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def weights(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The tiny base, then two adapters on it."""
     root = tmp_path_factory.mktemp("alias-routes")
     base = build_tiny_base(root / "tiny")
-    return base, build_adapter(base, root / "v1", seed=1), build_adapter(base, root / "v2", seed=2)
+    return [base, *(build_adapter(base, root / f"v{n}", seed=n) for n in (1, 2))]
 
 
 @pytest.fixture
-def acme(registry: Registry, built: tuple[Path, Path, Path]) -> tuple[int, dict[str, str]]:
-    """Tenant acme with adapter bot: version 1 in production, version 2 pushed."""
+def acme(registry: Registry, weights: list[Path]) -> tuple[int, dict[str, str]]:
+    """Tenant acme (its id and key headers), its bot with versions 1 (production) and 2."""
     tenant_id, headers = tenant_with_key(registry, "acme")
-    registry.register_base(built[0], "tiny", "r1", ROOT)
-    registry.push_adapter(tenant_id, "bot", built[1], "tiny", ROOT)
+    registry.register_base(weights[0], "tiny", "r1", ROOT)
+    for path in weights[1:]:
+        registry.push_adapter(tenant_id, "bot", path, "tiny", ROOT)
     registry.promote(tenant_id, "bot", 1, ROOT)
-    registry.push_adapter(tenant_id, "bot", built[2], "tiny", ROOT)
     return tenant_id, headers
 
 

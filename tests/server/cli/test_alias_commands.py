@@ -19,18 +19,16 @@ OPERATOR = Actor("test", admin=True)
 @pytest.fixture
 def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Cli, Registry, int]]:
     """Tenant acme's adapter bot: v1 in production, v2 pushed; tenant globex; the CLI."""
-    cli = Cli(tmp_path, capsys)
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", LocalBlobStore(tmp_path / "blobs"))
-    tenant_id = registry.create_tenant("acme", OPERATOR).id
-    registry.create_tenant("globex", OPERATOR)
-    assert tenant_id is not None
+    acme, _ = (registry.create_tenant(name, OPERATOR).id for name in ("acme", "globex"))
+    assert acme is not None
     base = build_tiny_base(tmp_path / "tiny")
     registry.register_base(base, "tiny", "r1", OPERATOR)
-    for seed in (1, 2):
-        adapter = build_adapter(base, tmp_path / f"v{seed}", seed=seed)
-        registry.push_adapter(tenant_id, "bot", adapter, "tiny", OPERATOR)
-    registry.promote(tenant_id, "bot", 1, OPERATOR)
-    yield cli, registry, tenant_id
+    weights = [build_adapter(base, tmp_path / f"w{n}", seed=n) for n in (1, 2)]
+    for path in weights:
+        registry.push_adapter(acme, "bot", path, "tiny", OPERATOR)
+    registry.promote(acme, "bot", 1, OPERATOR)
+    yield Cli(tmp_path, capsys), registry, acme
     registry.close()
 
 
