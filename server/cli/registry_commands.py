@@ -250,9 +250,12 @@ def _alias_cell(aliases: dict[str, Any], name: str) -> str | None:
 def adapters_show(registry: Registry, args: argparse.Namespace) -> int:
     tenant_id = _tenant_id(registry, args)
     aliases = registry.aliases(tenant_id, args.name)
-    at = {target.version: name for name, target in aliases.items()}
+    at: dict[int, list[str]] = {}
+    for name, target in sorted(aliases.items()):  # custom ones too: one version, many aliases
+        at.setdefault(target.version, []).append(name)
     rows = [
-        _version_row(v, at.get(v.number, "")) for v in registry.list_versions(tenant_id, args.name)
+        _version_row(v, ",".join(at.get(v.number, [])))
+        for v in registry.list_versions(tenant_id, args.name)
     ]
     print_table(["VERSION", "LORA_NAME", "RANK", "STATE", "BASE", "ALIAS", "CREATED"], rows)
     return 0

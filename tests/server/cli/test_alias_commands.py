@@ -43,6 +43,9 @@ def test_a_custom_alias_is_set_listed_with_history_and_deleted(
     said = run.ok("adapters", "alias", "bot", "staging", "2", "--tenant", "acme")
     assert said.strip() == "bot: staging -> version 2 (request it as bot:staging)"
     run.ok("adapters", "alias", "bot", "staging", "1", "--tenant", "acme")
+    shown = _rows(run.ok("adapters", "show", "bot", "--tenant", "acme"))
+    assert shown[0][0] == "1" and shown[0][5] == "production,staging"  # both aliases shown
+    assert shown[1][0] == "2" and "staging" not in shown[1]
     listed = _rows(run.ok("adapters", "aliases", "bot", "--tenant", "acme"))
     assert [r[:3] for r in listed] == [["production", "1", "built-in"], ["staging", "1", "custom"]]
     history = run.ok("adapters", "aliases", "bot", "--history", "staging", "--tenant", "acme")
