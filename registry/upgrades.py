@@ -248,7 +248,7 @@ class UpgradeView:
 
 
 @dataclass(frozen=True)
-class Transition:
+class UpgradeTransition:
     """One step ``advance`` took: the item (None: the operation) and what happened."""
 
     adapter: str | None
@@ -532,7 +532,7 @@ class UpgradeStore(Store):
 
     # -- advancing -----------------------------------------------------------------------
 
-    def advance(self, upgrade_id: str, now: dt.datetime | None = None) -> list[Transition]:
+    def advance(self, upgrade_id: str, now: dt.datetime | None = None) -> list[UpgradeTransition]:
         """Take every step an upgrade's items can take now (one transaction each), and end
         the upgrade once every item is final; what happened, in order (empty: nothing)."""
         now = now or utcnow()
@@ -543,20 +543,20 @@ class UpgradeStore(Store):
             ids = [i.id or 0 for i in self._items(s, upgrade_id) if i.state not in FINAL]
         if row.state != RUNNING:
             return []
-        moved: list[Transition] = []
+        moved: list[UpgradeTransition] = []
         for item_id in ids:
             while (step := self._step(item_id, now)) is not None:  # as far as it goes now
                 moved.append(step)
         ended = self._maybe_finish(upgrade_id)
         return moved + ([ended] if ended else [])
 
-    def advance_running(self, now: dt.datetime | None = None) -> list[Transition]:
+    def advance_running(self, now: dt.datetime | None = None) -> list[UpgradeTransition]:
         """``advance`` every running upgrade (the workers' tick)."""
         with self._read() as s:
             ids = s.exec(select(BaseUpgrade.id).where(BaseUpgrade.state == RUNNING)).all()
         return [t for upgrade_id in ids for t in self.advance(upgrade_id, now)]
 
-    def _step(self, item_id: int, now: dt.datetime) -> Transition | None:
+    def _step(self, item_id: int, now: dt.datetime) -> UpgradeTransition | None:
         with self._read() as s:
             seen = s.get_one(BaseUpgradeItem, item_id)
             row = s.get_one(BaseUpgrade, seen.upgrade_id)
@@ -574,7 +574,7 @@ class UpgradeStore(Store):
         now: dt.datetime,
         options: UpgradeOptions,
         health: tuple[bool, str] | None,
-    ) -> Transition | None:
+    ) -> UpgradeTransition | None:
         with self._write() as s:
             item = s.get_one(BaseUpgradeItem, item_id, with_for_update=True)
             upgrade = s.get_one(BaseUpgrade, item.upgrade_id)
@@ -583,15 +583,15 @@ class UpgradeStore(Store):
             step = _Step(s, upgrade, item, now, options, health)
             if not HANDLERS[item.state](self, step):
                 return None
-            return Transition(item.adapter, _owner(s, item), item.state, item.note)
+            return UpgradeTransition(item.adapter, _owner(s, item), item.state, item.note)
 
-    def _step_failed(self, item_id: int, seen: str, why: str) -> Transition | None:
+    def _step_failed(self, item_id: int, seen: str, why: str) -> UpgradeTransition | None:
         with self._write() as s:
             item = s.get_one(BaseUpgradeItem, item_id, with_for_update=True)
             if item.state != seen:
                 return None
             _item_event(s, item, "upgrade", "failed", f"{seen}: {why}", FAILED)
-            return Transition(item.adapter, _owner(s, item), item.state, item.note)
+            return UpgradeTransition(item.adapter, _owner(s, item), item.state, item.note)
 
     def _canary_health(
         self, item: BaseUpgradeItem, options: UpgradeOptions, now: dt.datetime
@@ -616,14 +616,14 @@ class UpgradeStore(Store):
             return True, f"canary error rate {new:.2%} vs production's {shown}"
         return False, f"canary error rate {new:.2%} is worse than production's {old:.2%}"
 
-    def _maybe_finish(self, upgrade_id: str) -> Transition | None:
+    def _maybe_finish(self, upgrade_id: str) -> UpgradeTransition | None:
         with self._write() as s:
             row = s.get_one(BaseUpgrade, upgrade_id, with_for_update=True)
             items = self._items(s, upgrade_id)
             if row.state != RUNNING or any(i.state not in FINAL for i in items):
                 return None
             self._finish(s, row, DONE, "upgrade")
-            return Transition(None, None, DONE, _summary(row.report or {}))
+            return UpgradeTransition(None, None, DONE, _summary(row.report or {}))
 
     def _finish(self, s: Session, row: BaseUpgrade, state: str, actor: str) -> None:
         s.flush()

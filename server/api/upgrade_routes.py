@@ -30,7 +30,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from registry import Principal
-from registry.upgrades import Transition, UpgradeOptions, UpgradeStore, UpgradeView, item_json
+from registry.upgrades import (
+    UpgradeOptions,
+    UpgradeStore,
+    UpgradeTransition,
+    UpgradeView,
+    item_json,
+)
 from server.api.auth import registry_of, require_admin, require_tenant
 
 routes = APIRouter(tags=["base upgrades"])
@@ -88,7 +94,7 @@ def tenant_json(view: UpgradeView) -> dict[str, Any]:
     }
 
 
-def _advanced(view: UpgradeView, moved: list[Transition]) -> dict[str, Any]:
+def _advanced(view: UpgradeView, moved: list[UpgradeTransition]) -> dict[str, Any]:
     return {
         "object": "base.upgrade.advance",
         "transitions": [t.to_json() for t in moved],

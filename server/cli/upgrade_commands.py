@@ -18,7 +18,14 @@ import time
 from typing import Any
 
 from registry import InvalidRequest, Registry
-from registry.upgrades import FINAL, RUNNING, Transition, UpgradeOptions, UpgradeStore, UpgradeView
+from registry.upgrades import (
+    FINAL,
+    RUNNING,
+    UpgradeOptions,
+    UpgradeStore,
+    UpgradeTransition,
+    UpgradeView,
+)
 from server.cli.registry_commands import _command, operator, print_table
 
 _DEFAULTS = UpgradeOptions()
@@ -98,7 +105,7 @@ def _follow(store: UpgradeStore, upgrade_id: str, interval: float) -> int:
         time.sleep(interval)
 
 
-def _print_transitions(moved: list[Transition]) -> None:
+def _print_transitions(moved: list[UpgradeTransition]) -> None:
     for step in moved:
         who = "upgrade" if step.adapter is None else f"{step.tenant}/{step.adapter}"
         print(f"{dt.datetime.now(dt.UTC):%H:%M:%S}  {who}: {step.state}  {step.message}",
