@@ -65,6 +65,18 @@ def wants_remote(argv: Sequence[str], environ: dict[str, str] | None = None) -> 
     return bool(url) and command in REMOTE_GROUPS
 
 
+def entry() -> None:
+    """A console-script entry that starts customer commands in about 2 s: importing
+    ``server.cli.main`` (every operator command, torch and peft among them) takes 15 s
+    more. Operator commands go on to ``server.cli.main``."""
+    argv = sys.argv[1:]
+    if wants_remote(argv):
+        sys.exit(main(argv))
+    from server.cli.main import main as operator_main
+
+    sys.exit(operator_main(argv))
+
+
 def main(argv: Sequence[str]) -> int:
     """Run a customer command (``wants_remote(argv)`` holds)."""
     args = build_parser().parse_args(argv)
@@ -85,6 +97,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"loraplex: {redacted(str(exc), key)}", file=sys.stderr)
         print(f"  what to do: {redacted(hint(exc, url), key)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (`| head`) stopped early: not a failure of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
 
 
 def redacted(text: str, key: str) -> str:
@@ -583,3 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs(sub)
     _add_usage(sub)
     return parser
+
+
+if __name__ == "__main__":
+    entry()

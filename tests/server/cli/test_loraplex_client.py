@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -21,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from registry import Actor, LocalBlobStore, Registry
 from server.api import jobs_routes, registry_routes, usage_routes
-from server.cli.remote_commands import gate_spec, hint, wants_remote
+from server.cli.remote_commands import entry, gate_spec, hint, wants_remote
 from server.client import Gate, LoraplexClient, LoraplexError, Progress
 from server.errors import install_api_error_handler
 from tests.registry.registry_testdata import build_adapter, build_tiny_base
@@ -211,3 +212,16 @@ def test_gate_specs() -> None:
     for bad in ("accuracy", "qa:accuracy,min=1", "qa:accuracy,min_value=high"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"SUITE:METRIC|min_value|no number"):
             gate_spec(bad)
+
+
+def test_the_light_entry_runs_a_customer_command_and_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["loraplex", "--url", "http://127.0.0.1:9", "--api-key", "secret-key", "jobs", "list"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        entry()
+    out, err = capsys.readouterr()
+    assert exited.value.code == 1 and out == ""
+    assert "cannot reach the gateway" in err and "check LORAPLEX_URL" in err
+    assert "secret-key" not in err
