@@ -168,6 +168,10 @@ class UpgradeOptions:
     bar_margin: float = 0.05
     """How much worse than the old version (exact match points, or loss) still counts as
     meeting its bar, for the base alone and for the retrained version."""
+    retire_grace_seconds: float = 5.0
+    """How long the old version stays active after the new one is promoted, before it is
+    retired: gateways cache an adapter's routing for up to a second, so a request routed
+    just before the promotion still finds the old version servable."""
 
     def problems(self) -> list[str]:
         """Every problem with these options (empty: none)."""
@@ -184,6 +188,8 @@ class UpgradeOptions:
             found.append("canary_seconds must be a number of seconds, 0 or more")
         if not (math.isfinite(self.bar_margin) and self.bar_margin >= 0):
             found.append("bar_margin must be 0 or more")
+        if not (math.isfinite(self.retire_grace_seconds) and self.retire_grace_seconds >= 0):
+            found.append("retire_grace_seconds must be a number of seconds, 0 or more")
         return found
 
     def to_json(self) -> dict[str, Any]:
@@ -795,8 +801,12 @@ class UpgradeStore(Store):
         return True
 
     def _promoted(self, step: _Step) -> bool:
-        new = step.item.new_version
-        return self._retire_old(step, MIGRATED, f"migrated to version {new} on the new base")
+        item = step.item
+        grace = dt.timedelta(seconds=step.options.retire_grace_seconds)
+        if grace and step.now < _aware(item.updated_at) + grace:
+            return False
+        note = f"migrated to version {item.new_version} on the new base"
+        return self._retire_old(step, MIGRATED, note)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -4,9 +4,9 @@ Admin (an admin key):
 
 - ``POST /admin/bases/upgrades`` ``{"old_base", "new_base", "dry_run"?, "deadline"?,
   "uploaded_past_deadline"?, "unanswered_past_deadline"?, "canary_weight"?,
-  "canary_seconds"?, "bar_margin"?}``: with ``dry_run`` the plan (``base.upgrade.plan``:
-  every adapter served on the old base, trained or uploaded, its data, suites and gates),
-  writing nothing; else the upgrade started (``base.upgrade``);
+  "canary_seconds"?, "bar_margin"?, "retire_grace_seconds"?}``: with ``dry_run`` the plan
+  (``base.upgrade.plan``: every adapter served on the old base, trained or uploaded, its
+  data, suites and gates), writing nothing; else the upgrade started (``base.upgrade``);
 - ``GET /admin/bases/upgrades`` (newest first) and ``GET /admin/bases/upgrades/{id}``: the
   upgrade, its per-adapter items (state, jobs, scores, new version, deadline, note),
   progress and, once ended, its report;
@@ -67,6 +67,7 @@ class UpgradeBody(BaseModel):
     canary_weight: float = _DEFAULTS.canary_weight
     canary_seconds: float = _DEFAULTS.canary_seconds
     bar_margin: float = _DEFAULTS.bar_margin
+    retire_grace_seconds: float = _DEFAULTS.retire_grace_seconds
 
     def options(self) -> UpgradeOptions:
         names = {f.name for f in dataclasses.fields(UpgradeOptions)}

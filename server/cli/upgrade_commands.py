@@ -51,6 +51,7 @@ def bases_upgrade(registry: Registry, args: argparse.Namespace) -> int:
         canary_weight=args.canary_weight,
         canary_seconds=args.canary_seconds,
         bar_margin=args.bar_margin,
+        retire_grace_seconds=args.retire_grace_seconds,
     )
     view = store.start(args.old, args.new, options, operator())
     print(f"started {view.row.id}: {view.old} -> {view.new}, {len(view.items)} adapter(s), "
@@ -170,6 +171,10 @@ def add_commands(sub: Any) -> None:
         help="how long a retrained version's canary runs before promotion",
     )  # fmt: skip
     upgrade.add_argument("--bar-margin", type=float, default=_DEFAULTS.bar_margin)
+    upgrade.add_argument(
+        "--retire-grace-seconds", type=float, default=_DEFAULTS.retire_grace_seconds,
+        help="how long the old version stays active after the promotion",
+    )  # fmt: skip
     upgrades = _command(group, "upgrades", bases_upgrades, "list, follow or cancel upgrades")
     upgrades.add_argument("id", nargs="?", help="one upgrade (upg_...)")
     action = upgrades.add_mutually_exclusive_group()

@@ -9,6 +9,7 @@ Workers are played by the test: it finishes the jobs an upgrade queues as a work
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def _item(store: UpgradeStore, upgrade_id: str, adapter: str) -> Any:
 
 def _options(**changes: Any) -> UpgradeOptions:
     deadline = utcnow() + dt.timedelta(hours=1)
-    return UpgradeOptions(**{"deadline": deadline, "canary_seconds": 0, **changes})
+    values = {"deadline": deadline, "canary_seconds": 0, "retire_grace_seconds": 0}
+    return UpgradeOptions(**{**values, **changes})
 
 
 def test_the_plan_lists_every_served_adapter_and_writes_nothing(
@@ -223,6 +225,7 @@ def test_options_are_checked_all_at_once(
         canary_weight=2.0, canary_seconds=-1, bar_margin=float("nan"),
     )  # fmt: skip
     assert len(bad.problems()) == 5
+    assert len(dataclasses.replace(bad, retire_grace_seconds=-1).problems()) == 6
     with pytest.raises(InvalidRequest, match="canary_weight"):
         UpgradeStore(registry).start(BASE_NAME, NEW_NAME, bad, OPERATOR)
     past = UpgradeOptions(deadline=utcnow() - dt.timedelta(seconds=1))

@@ -80,7 +80,9 @@ def test_workers_carry_an_upgrade_through_real_jobs(bench: Bench, second_base_di
     registry.set_gates(tenant_id, "bot", [Gate("fine-tune-test", "loss", 100.0, None, False)],
                        ADMIN)  # fmt: skip
     second = registry.register_base(second_base_dir, "tiny-2", "r1", ADMIN)
-    options = UpgradeOptions(deadline=utcnow() + dt.timedelta(hours=1), canary_seconds=0)
+    options = UpgradeOptions(
+        deadline=utcnow() + dt.timedelta(hours=1), canary_seconds=0, retire_grace_seconds=0
+    )
     uid = UpgradeStore(registry).start(bench.base.name, "tiny-2", options, ADMIN).row.id
     moved = dataclasses.replace(bench, base=second, chat_base=second_base_dir)
     worker = moved.worker()
