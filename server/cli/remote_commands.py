@@ -20,11 +20,11 @@ from typing import Any
 
 from server.cli.registry_commands import print_table
 from server.client import (
-    AdapterVersion,
     FineTuningJob,
-    Gate,
+    GateRule,
     LoraplexClient,
     LoraplexError,
+    VersionInfo,
 )
 
 REMOTE_GROUPS = ("adapters", "files", "jobs", "usage")
@@ -63,18 +63,6 @@ def wants_remote(argv: Sequence[str], environ: dict[str, str] | None = None) -> 
             break
         index += 1
     return bool(url) and command in REMOTE_GROUPS
-
-
-def entry() -> None:
-    """A console-script entry that starts customer commands in about 2 s: importing
-    ``server.cli.main`` (every operator command, torch and peft among them) takes 15 s
-    more. Operator commands go on to ``server.cli.main``."""
-    argv = sys.argv[1:]
-    if wants_remote(argv):
-        sys.exit(main(argv))
-    from server.cli.main import main as operator_main
-
-    sys.exit(operator_main(argv))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -150,7 +138,7 @@ def _when(value: int | str | None) -> str | None:
     return value[:16].replace("T", " ")
 
 
-def _version_sentence(name: str, what: str, version: AdapterVersion) -> str:
+def _version_sentence(name: str, what: str, version: VersionInfo) -> str:
     return f"{name}: {what} version {version.version} ({version.lora_name})"
 
 
@@ -194,7 +182,7 @@ def adapters_list(client: LoraplexClient, args: argparse.Namespace) -> int:
     return emit(args, [a.raw for a in adapters], render)
 
 
-def _versions_table(versions: Sequence[AdapterVersion], aliases: dict[int, str]) -> None:
+def _versions_table(versions: Sequence[VersionInfo], aliases: dict[int, str]) -> None:
     rows = [
         [
             v.version,
@@ -293,7 +281,7 @@ def evals_add(client: LoraplexClient, args: argparse.Namespace) -> int:
     return emit(args, result.raw, lambda: print(sentence))
 
 
-def _gates_table(gates: Sequence[Gate]) -> None:
+def _gates_table(gates: Sequence[GateRule]) -> None:
     rows = [
         [g.suite, g.metric, g.min_value, g.max_regression, g.higher_is_better, g.max_below_base]
         for g in gates
@@ -307,7 +295,7 @@ def gates_show(client: LoraplexClient, args: argparse.Namespace) -> int:
     return emit(args, [g.to_json() for g in gates], lambda: _gates_table(gates))
 
 
-def gate_spec(text: str) -> Gate:
+def gate_spec(text: str) -> GateRule:
     """``SUITE:METRIC[,min_value=X][,max_regression=X][,max_below_base=X][,lower_is_better]``."""
     head, *options = text.split(",")
     suite, sep, metric = head.partition(":")
@@ -328,7 +316,7 @@ def gate_spec(text: str) -> Gate:
                 f"{option!r}: use min_value=X, max_regression=X, max_below_base=X "
                 "or lower_is_better"
             )
-    return Gate(suite, metric, **values)
+    return GateRule(suite, metric, **values)
 
 
 def gates_set(client: LoraplexClient, args: argparse.Namespace) -> int:
@@ -598,7 +586,3 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs(sub)
     _add_usage(sub)
     return parser
-
-
-if __name__ == "__main__":
-    entry()

@@ -18,28 +18,27 @@ from server.client.client import LoraplexClient, Progress
 from server.client.errors import LoraplexError
 from server.client.models import (
     TERMINAL_STATUSES,
-    Adapter,
-    AdapterVersion,
-    AliasTarget,
+    AdapterInfo,
+    AliasInfo,
     Checkpoint,
-    EvalResult,
+    EvalScore,
     FineTuningJob,
-    Gate,
+    GateRule,
     JobEvent,
     TrainingFile,
     UsageReport,
     VersionEvals,
+    VersionInfo,
 )
 
 __all__ = [
     "TERMINAL_STATUSES",
-    "Adapter",
-    "AdapterVersion",
-    "AliasTarget",
+    "AdapterInfo",
+    "AliasInfo",
     "Checkpoint",
-    "EvalResult",
+    "EvalScore",
     "FineTuningJob",
-    "Gate",
+    "GateRule",
     "JobEvent",
     "LoraplexClient",
     "LoraplexError",
@@ -47,4 +46,5 @@ __all__ = [
     "TrainingFile",
     "UsageReport",
     "VersionEvals",
+    "VersionInfo",
 ]

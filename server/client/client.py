@@ -16,16 +16,16 @@ import httpx
 
 from server.client.errors import LoraplexError, retry_after
 from server.client.models import (
-    Adapter,
-    AdapterVersion,
+    AdapterInfo,
     Checkpoint,
-    EvalResult,
+    EvalScore,
     FineTuningJob,
-    Gate,
+    GateRule,
     JobEvent,
     TrainingFile,
     UsageReport,
     VersionEvals,
+    VersionInfo,
 )
 
 Progress = Callable[[int, int], None]
@@ -188,12 +188,12 @@ class LoraplexClient:
 
     # -- adapters ----------------------------------------------------------------------
 
-    def list_adapters(self) -> list[Adapter]:
-        return self._list("/v1/adapters", Adapter.from_json)
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._list("/v1/adapters", AdapterInfo.from_json)
 
-    def get_adapter(self, name: str) -> Adapter:
+    def get_adapter(self, name: str) -> AdapterInfo:
         """The adapter with its aliases and every version."""
-        return Adapter.from_json(self._json("GET", self._adapter(name)))
+        return AdapterInfo.from_json(self._json("GET", self._adapter(name)))
 
     def push_adapter(
         self,
@@ -203,47 +203,43 @@ class LoraplexClient:
         *,
         description: str | None = None,
         progress: Progress | None = None,
-    ) -> AdapterVersion:
+    ) -> VersionInfo:
         """Upload a PEFT output directory (its files) or a tar/zip of it as a new version."""
         data = {"name": name, "base": base}
         if description is not None:
             data["description"] = description
         files = adapter_files(Path(source))
-        return AdapterVersion.from_json(
-            self._upload("/v1/adapters", "files", files, data, progress)
-        )
+        return VersionInfo.from_json(self._upload("/v1/adapters", "files", files, data, progress))
 
-    def list_versions(self, name: str) -> list[AdapterVersion]:
-        return self._list(self._adapter(name) + "/versions", AdapterVersion.from_json)
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        return self._list(self._adapter(name) + "/versions", VersionInfo.from_json)
 
-    def promote(self, name: str, version: int, *, override: bool = False) -> AdapterVersion:
+    def promote(self, name: str, version: int, *, override: bool = False) -> VersionInfo:
         """Point production at ``version`` (its gates must pass unless ``override``)."""
         body = {"version": version, "override": override}
-        return AdapterVersion.from_json(
+        return VersionInfo.from_json(
             self._json("POST", self._adapter(name) + "/promote", json=body)
         )
 
-    def canary(self, name: str, version: int, weight: float) -> AdapterVersion:
+    def canary(self, name: str, version: int, weight: float) -> VersionInfo:
         """Send ``weight`` (0..1) of the adapter's traffic to ``version``."""
         body = {"version": version, "weight": weight}
-        return AdapterVersion.from_json(
-            self._json("POST", self._adapter(name) + "/canary", json=body)
-        )
+        return VersionInfo.from_json(self._json("POST", self._adapter(name) + "/canary", json=body))
 
     def clear_canary(self, name: str) -> None:
         self.request("DELETE", self._adapter(name) + "/canary")
 
-    def rollback(self, name: str) -> AdapterVersion:
+    def rollback(self, name: str) -> VersionInfo:
         """Point production back at the version it pointed at before."""
-        return AdapterVersion.from_json(self._json("POST", self._adapter(name) + "/rollback"))
+        return VersionInfo.from_json(self._json("POST", self._adapter(name) + "/rollback"))
 
-    def retire(self, name: str, version: int) -> AdapterVersion:
+    def retire(self, name: str, version: int) -> VersionInfo:
         path = f"{self._adapter(name)}/versions/{version}/retire"
-        return AdapterVersion.from_json(self._json("POST", path))
+        return VersionInfo.from_json(self._json("POST", path))
 
-    def archive(self, name: str, version: int) -> AdapterVersion:
+    def archive(self, name: str, version: int) -> VersionInfo:
         path = f"{self._adapter(name)}/versions/{version}/archive"
-        return AdapterVersion.from_json(self._json("POST", path))
+        return VersionInfo.from_json(self._json("POST", path))
 
     def add_eval(
         self,
@@ -255,28 +251,28 @@ class LoraplexClient:
         *,
         sample_count: int | None = None,
         dataset_sha256: str | None = None,
-    ) -> EvalResult:
+    ) -> EvalScore:
         body = {"suite": suite, "metric": metric, "value": value}
         body |= {"sample_count": sample_count, "dataset_sha256": dataset_sha256}
         path = f"{self._adapter(name)}/versions/{version}/evals"
-        return EvalResult.from_json(self._json("POST", path, json=body))
+        return EvalScore.from_json(self._json("POST", path, json=body))
 
-    def eval_results(self, name: str, version: int) -> list[EvalResult]:
+    def eval_results(self, name: str, version: int) -> list[EvalScore]:
         """Every eval result of one version, oldest first."""
-        return self._list(f"{self._adapter(name)}/versions/{version}/evals", EvalResult.from_json)
+        return self._list(f"{self._adapter(name)}/versions/{version}/evals", EvalScore.from_json)
 
     def eval_history(self, name: str) -> list[VersionEvals]:
         """Every version's latest result of each suite and metric, oldest version first."""
         return self._list(self._adapter(name) + "/evals", VersionEvals.from_json)
 
-    def get_gates(self, name: str) -> list[Gate]:
-        return self._list(self._adapter(name) + "/gates", Gate.from_json)
+    def get_gates(self, name: str) -> list[GateRule]:
+        return self._list(self._adapter(name) + "/gates", GateRule.from_json)
 
-    def set_gates(self, name: str, gates: Sequence[Gate]) -> list[Gate]:
+    def set_gates(self, name: str, gates: Sequence[GateRule]) -> list[GateRule]:
         """Replace the adapter's promotion gates (an empty list removes them)."""
         body = {"gates": [g.to_json() for g in gates]}
         found = self._json("PUT", self._adapter(name) + "/gates", json=body)["data"]
-        return [Gate.from_json(g) for g in found]
+        return [GateRule.from_json(g) for g in found]
 
     # -- files -------------------------------------------------------------------------
 

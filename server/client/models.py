@@ -22,7 +22,7 @@ def _build(cls: type[T], data: dict[str, Any], **extra: Any) -> T:
 
 
 @dataclass(frozen=True)
-class AdapterVersion:
+class VersionInfo:
     """One immutable version of an adapter."""
 
     version: int
@@ -43,12 +43,12 @@ class AdapterVersion:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AdapterVersion:
+    def from_json(cls, data: dict[str, Any]) -> VersionInfo:
         return _build(cls, data)
 
 
 @dataclass(frozen=True)
-class AliasTarget:
+class AliasInfo:
     """Where an alias (``production``, ``canary``...) points."""
 
     version: int
@@ -57,29 +57,29 @@ class AliasTarget:
 
 
 @dataclass(frozen=True)
-class Adapter:
+class AdapterInfo:
     """An adapter: a name, its aliases and (from ``get_adapter``) its versions."""
 
     name: str
     description: str | None
     created_at: str
-    aliases: dict[str, AliasTarget]
-    versions: list[AdapterVersion]
+    aliases: dict[str, AliasInfo]
+    versions: list[VersionInfo]
     """Every version, oldest first; empty in a listing (ask ``get_adapter``)."""
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Adapter:
+    def from_json(cls, data: dict[str, Any]) -> AdapterInfo:
         aliases = {
-            name: AliasTarget(int(t["version"]), float(t.get("weight", 1.0)))
+            name: AliasInfo(int(t["version"]), float(t.get("weight", 1.0)))
             for name, t in (data.get("aliases") or {}).items()
         }
-        versions = [AdapterVersion.from_json(v) for v in data.get("versions") or []]
+        versions = [VersionInfo.from_json(v) for v in data.get("versions") or []]
         return _build(cls, data, name=data["id"], aliases=aliases, versions=versions)
 
 
 @dataclass(frozen=True)
-class EvalResult:
+class EvalScore:
     """One eval result of a version."""
 
     suite: str
@@ -92,7 +92,7 @@ class EvalResult:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> EvalResult:
+    def from_json(cls, data: dict[str, Any]) -> EvalScore:
         return _build(cls, data)
 
 
@@ -103,17 +103,17 @@ class VersionEvals:
     version: int
     state: str
     aliases: list[str]
-    evals: list[EvalResult]
+    evals: list[EvalScore]
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VersionEvals:
-        evals = [EvalResult.from_json(e) for e in data.get("evals") or []]
+        evals = [EvalScore.from_json(e) for e in data.get("evals") or []]
         return _build(cls, data, aliases=list(data.get("aliases") or []), evals=evals)
 
 
 @dataclass(frozen=True)
-class Gate:
+class GateRule:
     """A promotion gate: a version's result of ``suite``/``metric`` must pass it."""
 
     suite: str
@@ -130,7 +130,7 @@ class Gate:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Gate:
+    def from_json(cls, data: dict[str, Any]) -> GateRule:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

@@ -22,8 +22,9 @@ from fastapi.testclient import TestClient
 
 from registry import Actor, LocalBlobStore, Registry
 from server.api import jobs_routes, registry_routes, usage_routes
-from server.cli.remote_commands import entry, gate_spec, hint, wants_remote
-from server.client import Gate, LoraplexClient, LoraplexError, Progress
+from server.cli.entry import main as entry
+from server.cli.remote_commands import gate_spec, hint, wants_remote
+from server.client import GateRule, LoraplexClient, LoraplexError, Progress
 from server.errors import install_api_error_handler
 from tests.registry.registry_testdata import build_adapter, build_tiny_base
 
@@ -98,8 +99,8 @@ def test_gates_refuse_a_promotion_until_an_eval_passes(
     acme: LoraplexClient, peft: dict[str, Path]
 ) -> None:
     acme.push_adapter(peft["v1"], "bot", "tiny")
-    gates = acme.set_gates("bot", [Gate("qa", "accuracy", min_value=0.8)])
-    assert acme.get_gates("bot") == gates == [Gate("qa", "accuracy", min_value=0.8)]
+    gates = acme.set_gates("bot", [GateRule("qa", "accuracy", min_value=0.8)])
+    assert acme.get_gates("bot") == gates == [GateRule("qa", "accuracy", min_value=0.8)]
     with pytest.raises(LoraplexError) as refused:
         acme.promote("bot", 1)
     assert (refused.value.status, refused.value.code) == (409, "gate_failed")
@@ -205,8 +206,8 @@ def test_the_cli_goes_over_http_only_with_a_url_and_a_customer_command() -> None
 
 
 def test_gate_specs() -> None:
-    assert gate_spec("qa:accuracy,min_value=0.8") == Gate("qa", "accuracy", min_value=0.8)
-    assert gate_spec("perf:latency,max_regression=5,lower_is_better") == Gate(
+    assert gate_spec("qa:accuracy,min_value=0.8") == GateRule("qa", "accuracy", min_value=0.8)
+    assert gate_spec("perf:latency,max_regression=5,lower_is_better") == GateRule(
         "perf", "latency", max_regression=5.0, higher_is_better=False
     )
     for bad in ("accuracy", "qa:accuracy,min=1", "qa:accuracy,min_value=high"):
