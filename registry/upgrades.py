@@ -732,6 +732,11 @@ class UpgradeStore(Store):
 
     def _awaiting(self, step: _Step) -> bool:
         item = step.item
+        moved = self._owner_moved(step)
+        if moved is not None:  # the owner pushed a version for the new base and promoted it
+            item.new_version = moved
+            return self._retire_old(step, MIGRATED, f"the owner promoted version {moved} on "
+                                    "the new base")  # fmt: skip
         if item.deadline is None or step.now < _aware(item.deadline):
             return False
         if step.options.uploaded_past_deadline == "keep":
@@ -739,6 +744,14 @@ class UpgradeStore(Store):
             _item_event(step.s, item, "upgrade", "kept", note, KEPT)
             return True
         return self._retire_old(step, RETIRED_ITEM, "past the deadline: retired")
+
+    def _owner_moved(self, step: _Step) -> int | None:
+        """The production version's number when it is pinned to the new base now."""
+        production = lifecycle.aliases(step.s, step.item.adapter_id).get(PRODUCTION)
+        version = None if production is None else step.s.get(AdapterVersion, production.version_id)
+        if version is None or version.base_id != step.upgrade.new_base_id:
+            return None
+        return version.number
 
     def _retraining(self, step: _Step) -> bool:
         item, s = step.item, step.s

@@ -257,3 +257,18 @@ def test_a_canary_failing_more_than_production_is_rolled_back(
     aliases = registry.aliases(fleet.acme, "bot")
     assert "canary" not in aliases and aliases["production"].version == 1
     assert registry.get_version(fleet.acme, "bot", 1).state == "active"
+
+
+def test_an_uploaded_adapter_its_owner_moves_is_migrated_before_the_deadline(
+    registry: Registry, fleet: Fleet, new_base: BaseModelRecord, new_adapter: Path
+) -> None:
+    store = UpgradeStore(registry)
+    uid = store.start(BASE_NAME, NEW_NAME, _options(), OPERATOR).row.id
+    store.advance(uid)
+    assert _item(store, uid, "up").state == "awaiting"
+    registry.push_adapter(fleet.acme, "up", new_adapter, NEW_NAME, OPERATOR)
+    registry.promote(fleet.acme, "up", 2, OPERATOR)
+    moved = store.advance(uid)
+    assert [(t.adapter, t.state) for t in moved] == [("up", "migrated")]
+    assert registry.get_version(fleet.acme, "up", 1).state == "retired"
+    assert _item(store, uid, "up").new_version == 2
