@@ -4,8 +4,9 @@ Builds the demo base (once), starts ``loraplex serve`` as users run it, sends
 a few requests to the base, then plays two tenants: each uploads a stock PEFT
 adapter through the REST API, promotes it, and gets its own adapter's answers
 while the other's stays invisible to it; both fine-tune through the openai client, and
-one turn of the continuous fine-tuning loop follows (``server.dev.demo_loop``). Finally
-it stops the server and its engine.
+one turn of the continuous fine-tuning loop follows (``server.dev.demo_loop``), then a
+routed model whose trained classifier picks one of three adapters per request
+(``server.dev.demo_routing``). Finally it stops the server and its engine.
 
 The demo adapters carry seeded random LoRA weights, so "their behaviour" is
 simply different text from the base's; trained adapters come from the
@@ -22,6 +23,7 @@ import httpx
 from openai import NotFoundError, OpenAI
 
 from server.dev.demo_loop import run_turn
+from server.dev.demo_routing import run_routing
 from server.dev.demo_site import (
     HOME,
     demo_registry,
@@ -241,6 +243,7 @@ def main() -> int:
             models = fine_tune(url, base, keys)
             show_trained(url, base, keys, models)
             run_turn(url, base.name)  # one turn of the fine-tuning loop; needs the worker
+            run_routing(url, base.name)  # a routed model with a trained classifier
         finally:
             worker.stop()
     finally:
