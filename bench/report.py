@@ -228,11 +228,13 @@ TITLES = {
 
 def generic_section(name: str, result: dict[str, Any]) -> list[str]:
     """A result's command, workload, peer, machine, summary lines and verdict."""
-    lines = [f"## {TITLES.get(name, name)}", "", f"Command: `{result['command']}`."]
+    # Results written outside `make bench` (the chaos soak's) may lack a command or machine.
+    lines = [f"## {TITLES.get(name, name)}", "", f"Command: `{result.get('command', '?')}`."]
     for key in ("workload", "peer", "upstream"):
         if key in result:
             lines[-1] += f" {key.capitalize()}: {result[key]}."
-    lines[-1] += f" Machine: {_machine(result['machine'])}."
+    if "machine" in result:
+        lines[-1] += f" Machine: {_machine(result['machine'])}."
     lines.append("")
     lines += [f"- {line}" for line in result.get("summary_lines", [])]
     if "verdict" in result:

@@ -610,6 +610,7 @@ def summary(run: Run, found: list[Verdict]) -> dict[str, Any]:
     recovery = run.healthy_at - run.last_kill if run.healthy_at else None
     config = run.config
     return {
+        "command": f"python -m server.dev.chaos --minutes {config.minutes} --seed {config.seed}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit,
         "cores": _cores(),
