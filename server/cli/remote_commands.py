@@ -91,8 +91,9 @@ def main(argv: Sequence[str]) -> int:
 
 
 def redacted(text: str, key: str) -> str:
-    """``text`` without the key (a server never echoes it; this makes sure)."""
-    return text.replace(key, "<api key>") if key else text
+    """``text`` without the key (a server never echoes it; this makes sure). A key too short
+    to be real (a typo) would otherwise blank out ordinary words of the message."""
+    return text.replace(key, "<api key>") if len(key) >= 8 else text
 
 
 def hint(exc: LoraplexError, url: str) -> str:
