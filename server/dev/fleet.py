@@ -92,6 +92,8 @@ class FleetConfig:
         }
     )
     """Engine settings; small KV caches so two CPU engines fit beside everything else."""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """More settings for every loraplex process (a test allowing loopback webhooks, say)."""
 
 
 class Fleet:
@@ -150,6 +152,7 @@ class Fleet:
             "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
             "PYTHONUNBUFFERED": "1",
+            **self.config.extra_env,
         }
 
     def registry(self) -> Registry:
