@@ -185,7 +185,7 @@ class StubSite:
 
     def __init__(self, work: Path) -> None:
         from registry import Actor, Registry, open_blob_store
-        from server.dev.demo import random_adapter
+        from server.dev.demo_site import random_adapter
 
         self.stub = targets.start_stub(work)
         self.gateway = targets.start_loraplex(work, self.stub.url)

@@ -91,7 +91,7 @@ class AdapterPool:
 
     def fresh(self, base: Path) -> Path:
         """A new adapter directory for ``base`` whose weights no other adapter has."""
-        from server.dev.demo import random_adapter
+        from server.dev.demo_site import random_adapter
 
         with self._lock:
             self._count += 1

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from openai import NotFoundError, OpenAI
 
 from server.dev.demo_loop import run_turn
@@ -27,10 +26,12 @@ from server.dev.demo_routing import run_routing
 from server.dev.demo_site import (
     HOME,
     demo_registry,
+    random_adapter,
     say,
     start_server,
     start_worker,
     tenant_key,
+    upload_and_promote,
     wait_ready,
 )
 from server.dev.fleet import free_port
@@ -67,43 +68,6 @@ def show_requests(client: OpenAI, model: str) -> None:
 
 
 TENANTS = {"acme": ("support-bot", 1), "globex": ("legal-bot", 2)}
-
-
-def random_adapter(base: Path, dest: Path, seed: int) -> Path:
-    """Stock PEFT output with seeded, non-zero LoRA weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(model, config).save_pretrained(str(dest))
-    return dest
-
-
-def upload_and_promote(url: str, key: str, name: str, adapter: Path, base: str) -> int:
-    auth = {"authorization": f"Bearer {key}"}
-    files = [
-        ("files", (f.name, f.read_bytes()))
-        for f in sorted(adapter.iterdir())
-        if f.suffix in (".json", ".safetensors")
-    ]
-    pushed = httpx.post(
-        f"{url}/v1/adapters",
-        files=files,
-        data={"name": name, "base": base},
-        headers=auth,
-        timeout=300,
-    )
-    pushed.raise_for_status()
-    number = int(pushed.json()["version"])
-    httpx.post(
-        f"{url}/v1/adapters/{name}/promote", json={"version": number}, headers=auth, timeout=300
-    ).raise_for_status()
-    return number
 
 
 def show_tenants(url: str, base: Path, keys: dict[str, str]) -> None:

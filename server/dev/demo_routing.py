@@ -251,7 +251,7 @@ def wait_jobs(suite: Suite, jobs: Mapping[str, str]) -> None:
 
 def upload_desks(suite: Suite, url: str) -> None:
     """The three answer adapters as stock PEFT output (seeded random weights)."""
-    from server.dev.demo import random_adapter, upload_and_promote
+    from server.dev.demo_site import random_adapter, upload_and_promote
 
     for intent, name in suite.desks.items():
         folder = random_adapter(

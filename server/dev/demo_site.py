@@ -114,3 +114,40 @@ def run_alone(turn: Callable[[str, str], object]) -> int:
         say("stopping the server, its engine and the worker")
         server.stop()
     return 0
+
+
+def random_adapter(base: Path, dest: Path, seed: int) -> Path:
+    """Stock PEFT output with seeded, non-zero LoRA weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(str(dest))
+    return dest
+
+
+def upload_and_promote(url: str, key: str, name: str, adapter: Path, base: str) -> int:
+    auth = {"authorization": f"Bearer {key}"}
+    files = [
+        ("files", (f.name, f.read_bytes()))
+        for f in sorted(adapter.iterdir())
+        if f.suffix in (".json", ".safetensors")
+    ]
+    pushed = httpx.post(
+        f"{url}/v1/adapters",
+        files=files,
+        data={"name": name, "base": base},
+        headers=auth,
+        timeout=300,
+    )
+    pushed.raise_for_status()
+    number = int(pushed.json()["version"])
+    httpx.post(
+        f"{url}/v1/adapters/{name}/promote", json={"version": number}, headers=auth, timeout=300
+    ).raise_for_status()
+    return number

@@ -80,23 +80,8 @@ class Metrics:
         self._add_capture_metrics()
         self._add_shadow_metrics()
         self._add_routing_metrics()
-        self.in_flight = Gauge(
-            "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
-        )
-        self.limit_store_errors = Counter(
-            "loraplex_limit_store_errors",
-            "Failed calls to the Redis holding shared tenant limits, by operation "
-            "(admit, settle, renew); each admit failure fell back or answered 503.",
-            ["operation"],
-            registry=r,
-        )
+        self._add_process_metrics()
         self._add_queue_metrics()
-        self.loop_lag = Histogram(
-            "loraplex_event_loop_lag_seconds",
-            "How late the event loop ran a timer: a delay every request in flight shared.",
-            buckets=_LAG_BUCKETS,
-            registry=r,
-        )
 
         # Per-request series, through their children caches.
         self.requests_of = Children(self.requests)
@@ -108,6 +93,25 @@ class Metrics:
         self.queue_wait_of = Children(self.queue_wait)
         self.captured_of = Children(self.captured)
         self.capture_dropped_of = Children(self.capture_dropped)
+
+    def _add_process_metrics(self) -> None:
+        r = self.registry
+        self.in_flight = Gauge(
+            "loraplex_in_flight_requests", "Requests being proxied now.", registry=r
+        )
+        self.limit_store_errors = Counter(
+            "loraplex_limit_store_errors",
+            "Failed calls to the Redis holding shared tenant limits, by operation "
+            "(admit, settle, renew); each admit failure fell back or answered 503.",
+            ["operation"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "loraplex_event_loop_lag_seconds",
+            "How late the event loop ran a timer: a delay every request in flight shared.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
 
     def _add_engine_metrics(self) -> None:
         r = self.registry

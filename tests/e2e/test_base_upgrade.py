@@ -28,7 +28,7 @@ import pytest
 from openai import OpenAI
 
 from registry import ADMIN_SCOPE
-from server.dev.demo import random_adapter, upload_and_promote
+from server.dev.demo_site import random_adapter, upload_and_promote
 from server.dev.fleet import OPERATOR, SMALL_BASE, Fleet, FleetConfig
 from tests.e2e.serving import REPO
 from tests.registry.registry_testdata import drop_database
@@ -181,9 +181,8 @@ def _items(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["adapter"]: item for item in view["items"]}
 
 
-def test_an_upgrade_moves_retires_and_notifies_while_traffic_keeps_flowing(
-    site: Site, demo_base: Path, tmp_path: Path
-) -> None:
+def _three_adapters(site: Site, demo_base: Path, tmp_path: Path) -> None:
+    """trained, noop (by jobs on OLD) and up (uploaded), each in production."""
     trained = site.train("trained", {"n_epochs": 3})
     noop = site.train("noop", {"n_epochs": 1, "learning_rate_multiplier": 1e-6})
     upload_and_promote(
@@ -194,16 +193,13 @@ def test_an_upgrade_moves_retires_and_notifies_while_traffic_keeps_flowing(
     for adapter in ("trained", "noop"):
         site.in_production(adapter)
 
-    receiver = Receiver()
-    hook = site.tenant.post(
-        "/v1/webhooks", json={"url": receiver.url, "events": ["adapter.upgrade.action_required"]}
-    )
-    assert hook.status_code in (200, 201), hook.text
+
+def _start(site: Site) -> str:
+    """The upgrade OLD -> NEW started (after its dry run's plan is checked); its id."""
     options = {"old_base": site.old, "new_base": site.new}
     plan = site.admin.post("/admin/bases/upgrades", json={**options, "dry_run": True}).json()
     kinds = {item["adapter"]: item["kind"] for item in plan["items"]}
     assert kinds == {"trained": "trained", "noop": "trained", "up": "uploaded"}
-
     deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=240)
     started = site.admin.post(
         "/admin/bases/upgrades",
@@ -218,22 +214,41 @@ def test_an_upgrade_moves_retires_and_notifies_while_traffic_keeps_flowing(
         },
     )
     assert started.status_code == 200, started.text
-    upgrade_id = started.json()["id"]
+    upgrade_id: str = started.json()["id"]
+    return upgrade_id
 
+
+def _move(site: Site, upgrade_id: str) -> dict[str, Any]:
+    """Advance it to the end, noop's owner choosing to retire it; the final view."""
+    _advance_until(
+        site, upgrade_id, lambda v: _items(v)["noop"]["state"] == "meets_bar", "noop meets the bar"
+    )
+    mine = site.tenant.get("/v1/upgrades").json()["data"]
+    assert {i["adapter"] for u in mine for i in u["items"]} == {"trained", "noop", "up"}
+    chosen = site.tenant.post(
+        f"/v1/upgrades/{upgrade_id}/adapters/noop/choice", json={"choice": "retire"}
+    )
+    assert chosen.status_code == 200, chosen.text
+    return _advance_until(site, upgrade_id, lambda v: v["state"] == "done", "the upgrade done")
+
+
+def _states(site: Site, adapter: str) -> dict[int, str]:
+    versions = site.tenant.get(f"/v1/adapters/{adapter}/versions").json()["data"]
+    return {v["version"]: v["state"] for v in versions}
+
+
+def test_an_upgrade_moves_retires_and_notifies_while_traffic_keeps_flowing(
+    site: Site, demo_base: Path, tmp_path: Path
+) -> None:
+    _three_adapters(site, demo_base, tmp_path)
+    receiver = Receiver()
+    hook = site.tenant.post(
+        "/v1/webhooks", json={"url": receiver.url, "events": ["adapter.upgrade.action_required"]}
+    )
+    assert hook.status_code in (200, 201), hook.text
+    upgrade_id = _start(site)
     with Traffic(site, "trained") as traffic:
-        _advance_until(
-            site,
-            upgrade_id,
-            lambda v: _items(v)["noop"]["state"] == "meets_bar",
-            "noop meets the bar",
-        )
-        mine = site.tenant.get("/v1/upgrades").json()["data"]
-        assert {i["adapter"] for u in mine for i in u["items"]} == {"trained", "noop", "up"}
-        chosen = site.tenant.post(
-            f"/v1/upgrades/{upgrade_id}/adapters/noop/choice", json={"choice": "retire"}
-        )
-        assert chosen.status_code == 200, chosen.text
-        view = _advance_until(site, upgrade_id, lambda v: v["state"] == "done", "the upgrade done")
+        view = _move(site, upgrade_id)
     assert traffic.failures == [], traffic.failures[:5]
     assert traffic.ok > 0
 
@@ -245,15 +260,8 @@ def test_an_upgrade_moves_retires_and_notifies_while_traffic_keeps_flowing(
     }, {name: item["note"] for name, item in items.items()}
     assert items["trained"]["new_version"] == 2
     assert view["report"]["left_on_old_base"] == []
-    versions = site.tenant.get("/v1/adapters/trained/versions").json()["data"]
-    by_number = {v["version"]: v for v in versions}
-    assert by_number[1]["state"] == "retired"
-    assert by_number[2]["state"] == "active"
-    for adapter in ("noop", "up"):
-        states = {
-            v["state"] for v in site.tenant.get(f"/v1/adapters/{adapter}/versions").json()["data"]
-        }
-        assert states == {"retired"}
+    assert _states(site, "trained") == {1: "retired", 2: "active"}
+    assert set(_states(site, "noop").values()) == set(_states(site, "up").values()) == {"retired"}
     answer = site.openai.chat.completions.with_raw_response.create(
         model="trained", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
@@ -264,8 +272,5 @@ def test_an_upgrade_moves_retires_and_notifies_while_traffic_keeps_flowing(
     assert any(n["data"]["adapter"] == "up" for n in told), notified
     events = site.tenant.get("/v1/events", params={"limit": 1000}).json()["data"]
     types = {e["type"] for e in events}
-    assert {
-        "adapter.upgrade.retrained",
-        "adapter.upgrade.promoted",
-        "adapter.upgrade.retired",
-    } <= types
+    wanted = {"adapter.upgrade.retrained", "adapter.upgrade.promoted", "adapter.upgrade.retired"}
+    assert wanted <= types

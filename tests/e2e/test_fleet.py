@@ -21,7 +21,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from server.dev.demo import random_adapter, upload_and_promote
+from server.dev.demo_site import random_adapter, upload_and_promote
 from server.dev.fleet import BUCKET, SMALL_BASE, Fleet, FleetConfig, Proc
 from tests.deploy.promql import dashboard_queries, metric_names
 from tests.e2e.serving import REPO, metric_families, metric_samples
