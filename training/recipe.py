@@ -61,6 +61,9 @@ class TrainResult:
     final_train_loss: float = math.nan
     stopped_early: bool = False
     history: list[StepReport] = field(default_factory=list)
+    trained_tokens: int = 0
+    """Tokens the optimizer steps fed the model (prompts and answers; both answers of a
+    preference pair), counted once per epoch they were seen in: OpenAI's ``trained_tokens``."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,12 @@ class _Pair:
     chosen: Tokenized
     rejected: Tokenized
     reference: tuple[float, float] = (0.0, 0.0)
+
+
+def _tokens(item: Tokenized | _Pair) -> int:
+    if isinstance(item, _Pair):
+        return len(item.chosen.input_ids) + len(item.rejected.input_ids)
+    return len(item.input_ids)
 
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
@@ -266,6 +275,7 @@ class LoRARecipe:
         self.model.train()
         for step, group in enumerate(self._micro_batches(generator), start=1):
             train_loss = self._optimizer_step(group)
+            result.trained_tokens += sum(_tokens(self.train_items[i]) for m in group for i in m)
             rate = float(self.scheduler.get_last_lr()[0])
             report = StepReport(step, self.total_steps, train_loss, rate)
             if step % self.config.eval_every == 0 or step == self.total_steps:

@@ -491,5 +491,6 @@ def _result(outcome: RunOutcome, config: TrainConfig) -> dict[str, Any]:
             "best_step": outcome.train.best_step,
             "best_validation_loss": outcome.train.best_validation_loss,
             "stopped_early": outcome.train.stopped_early,
+            "trained_tokens": outcome.train.trained_tokens,
         },
     }

@@ -138,11 +138,18 @@ def _openai_job(job: FineTuningJob) -> dict[str, Any]:
         "suffix": job.suffix,
         "error": job.error,
         "result_files": [],
-        "trained_tokens": None,
+        "trained_tokens": _trained_tokens(job),
         "estimated_finish": None,
         "integrations": None,
         "metadata": None,
     }
+
+
+def _trained_tokens(job: FineTuningJob) -> int | None:
+    """What the worker counted (``result.train.trained_tokens``); None until it has."""
+    train = (job.result or {}).get("train") or {}
+    tokens = train.get("trained_tokens")
+    return tokens if isinstance(tokens, int) else None
 
 
 def event_json(event: FineTuningEvent) -> dict[str, Any]:

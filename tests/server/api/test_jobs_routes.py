@@ -89,7 +89,7 @@ def test_a_job_runs_from_upload_to_a_usable_model(
     assert (job.status, job.model, job.seed, job.fine_tuned_model) == (
         "queued", "tiny-chat", 3, None
     )  # fmt: skip
-    assert job.hyperparameters.n_epochs == 2
+    assert job.hyperparameters.n_epochs == 2 and job.trained_tokens is None  # not trained yet
     store = JobStore(registry)
     options = WorkerOptions(chat_base, base.fingerprint, tmp_path / "work", FAST, 0.1, 0.5)
     assert Worker(store, options).run_once() is not None
@@ -97,6 +97,11 @@ def test_a_job_runs_from_upload_to_a_usable_model(
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "banana-bot"
     assert done.finished_at is not None and done.finished_at >= done.created_at
+    assert done.model_extra is not None
+    train = done.model_extra["result"]["train"]
+    assert done.trained_tokens is not None and done.trained_tokens == train["trained_tokens"] > 0
+    if not train["stopped_early"]:  # every epoch saw each example once: epochs x their tokens
+        assert done.trained_tokens % 2 == 0
     tenant_id = registry.get_tenant("acme").id
     assert tenant_id is not None
     assert registry.aliases(tenant_id, "banana-bot")["production"].version == 1
