@@ -6,6 +6,7 @@ pair serves the whole session; tests that kill engines start their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 from openai import OpenAI
 
 from registry import TENANT_SCOPE, Actor, LocalBlobStore, Registry
+from server.dev.fleet import Fleet, FleetConfig
 from tests.e2e.serving import REPO, ServeProcess, free_port, wait_gone
 
 OPERATOR = Actor("test:operator", admin=True)
@@ -114,3 +116,26 @@ def client(gateway: ServeProcess, acme: TenantKeys) -> OpenAI:
 @pytest.fixture(scope="session")
 def base_name(demo_base: Path) -> str:
     return demo_base.name
+
+
+@pytest.fixture(scope="session")
+def small_base() -> Path:
+    """The fleet's second base (``make fleet`` builds the same one)."""
+    from server.dev.fleet import SMALL_BASE
+    from training.demo_base import build_demo_base
+
+    return build_demo_base(REPO / ".loraplex" / "demo-base-small", SMALL_BASE)
+
+
+@contextlib.contextmanager
+def running_fleet(config: FleetConfig) -> Iterator[Fleet]:
+    """The loopback fleet of ``config``, started, then stopped and its database dropped."""
+    from tests.registry.registry_testdata import drop_database
+
+    fleet = Fleet(config)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.stop()
+        drop_database(fleet.database_url)

@@ -29,21 +29,14 @@ from openai import OpenAI
 
 from registry import ADMIN_SCOPE
 from server.dev.demo_site import random_adapter, upload_and_promote
-from server.dev.fleet import OPERATOR, SMALL_BASE, Fleet, FleetConfig
-from tests.e2e.serving import REPO
-from tests.registry.registry_testdata import drop_database
+from server.dev.fleet import OPERATOR, Fleet, FleetConfig
+from tests.e2e.conftest import running_fleet
 from tests.server.webhooks.test_delivery import Receiver
 from tests.training.training_testdata import chat_records, jsonl
-from training.demo_base import build_demo_base
 
 OPERATOR_NAME = "upgrade-operator"
 WITHIN = 900.0
 """Seconds the whole move may take on a loaded 2-core machine (jobs train on CPU)."""
-
-
-@pytest.fixture(scope="module")
-def small_base() -> Path:
-    return build_demo_base(REPO / ".loraplex" / "demo-base-small", SMALL_BASE)  # as make fleet
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +50,8 @@ def fleet(
         gateways=1,
         extra_env={"LORAPLEX_WEBHOOK_ALLOW": "127.0.0.1", "LORAPLEX_WEBHOOK_INTERVAL": "0.2"},
     )
-    fleet = Fleet(config)
-    try:
-        fleet.start()
+    with running_fleet(config) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        drop_database(fleet.database_url)
 
 
 class Site:

@@ -22,11 +22,10 @@ import pytest
 from openai import OpenAI
 
 from server.dev.demo_site import random_adapter, upload_and_promote
-from server.dev.fleet import BUCKET, SMALL_BASE, Fleet, FleetConfig, Proc
+from server.dev.fleet import BUCKET, Fleet, FleetConfig, Proc
 from tests.deploy.promql import dashboard_queries, metric_names
+from tests.e2e.conftest import running_fleet
 from tests.e2e.serving import REPO, metric_families, metric_samples
-from tests.registry.registry_testdata import drop_database
-from training.demo_base import build_demo_base
 
 ADAPTER = "fleet-bot"
 """An adapter of the main base (the demo base)."""
@@ -38,11 +37,6 @@ PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
 @pytest.fixture(scope="module")
-def small_base() -> Path:
-    return build_demo_base(REPO / ".loraplex" / "demo-base-small", SMALL_BASE)  # as make fleet
-
-
-@pytest.fixture(scope="module")
 def fleet(
     demo_base: Path, small_base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
@@ -51,13 +45,8 @@ def fleet(
         [demo_base, small_base],
         database=f"loraplex_fleet_{uuid.uuid4().hex[:10]}",
     )
-    fleet = Fleet(config)
-    try:
-        fleet.start()
+    with running_fleet(config) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        drop_database(fleet.database_url)
 
 
 @pytest.fixture(scope="module")
