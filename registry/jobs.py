@@ -1,7 +1,10 @@
 """Fine-tuning files and jobs: the tables, and the queue workers claim jobs from.
 
 A job moves ``queued -> running -> succeeded | failed | cancelled`` (never OpenAI's
-``validating_files``: its files are checked before it is created). Workers claim the oldest
+``validating_files``: its files are checked before it is created). Its owner may pause a
+queued or running job (``paused``: never claimed; a running one's worker stops at its next
+heartbeat, keeping nothing) and resume it (``queued`` again: training restarts from the
+start, as no mid-training state is kept). Workers claim the oldest
 queued job with row locking that is safe with many workers: ``SELECT ... FOR UPDATE
 SKIP LOCKED`` on PostgreSQL; on SQLite one conditional ``UPDATE`` inside a write
 transaction (SQLite serialises writers, so two workers can't win the same row). A
@@ -53,6 +56,9 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+PAUSED = "paused"
+RESTARTS = "training restarts from the start (no mid-training state is kept)"
+"""What pausing and resuming a job means for its training, said in their events."""
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 FINE_TUNE_PURPOSE = "fine-tune"
 
@@ -290,9 +296,7 @@ class JobStore(Store):
     def cancel(self, tenant_id: int, job_id: str) -> FineTuningJob:
         """Cancel a job that has not finished; its worker notices at its next heartbeat."""
         with self._write() as s:
-            job = s.get(FineTuningJob, job_id, with_for_update=True)
-            if job is None or job.tenant_id != tenant_id:
-                raise _job_not_found(job_id)
+            job = self._owned(s, tenant_id, job_id)
             if job.status in FINISHED:
                 raise InvalidRequest(
                     f"job {job_id} already finished ({job.status}); only unfinished jobs "
@@ -302,6 +306,46 @@ class JobStore(Store):
             s.add(job)
             s.add(FineTuningEvent(job_id=job_id, message="Job cancelled"))
             _audit_end(s, job)
+        return job
+
+    def pause(self, tenant_id: int, job_id: str) -> FineTuningJob:
+        """Pause a queued or running job: no worker claims it, and a running one's worker
+        stops at its next heartbeat (its attempt does not count against ``max_attempts``)."""
+        with self._write() as s:
+            job = self._owned(s, tenant_id, job_id)
+            if job.status not in (QUEUED, RUNNING):
+                raise InvalidRequest(
+                    f"job {job_id} is {job.status}; only queued or running jobs can be paused"
+                )
+            if job.status == RUNNING:
+                job.attempts = max(job.attempts - 1, 0)
+            was, job.status, job.worker_id = job.status, PAUSED, None
+            s.add(job)
+            stops = "its worker stops at its next heartbeat; " if was == RUNNING else ""
+            message = f"Job paused ({was}): {stops}resuming re-queues it and {RESTARTS}"
+            self._event(s, job_id, message, data={"paused_from": was})
+            _audit_change(s, job, "paused")
+        return job
+
+    def resume(self, tenant_id: int, job_id: str) -> FineTuningJob:
+        """Put a paused job back in the queue, to be trained from the start."""
+        with self._write() as s:
+            job = self._owned(s, tenant_id, job_id)
+            if job.status != PAUSED:
+                raise InvalidRequest(
+                    f"job {job_id} is {job.status}; only paused jobs can be resumed"
+                )
+            job.status = QUEUED
+            s.add(job)
+            self._event(s, job_id, f"Job resumed: re-queued; {RESTARTS}")
+            _audit_change(s, job, "resumed")
+        return job
+
+    def _owned(self, s: Session, tenant_id: int, job_id: str) -> FineTuningJob:
+        """The tenant's job, row-locked; a foreign one is not found, like an unknown one."""
+        job = s.get(FineTuningJob, job_id, with_for_update=True)
+        if job is None or job.tenant_id != tenant_id:
+            raise _job_not_found(job_id)
         return job
 
     # -- events and checkpoints ----------------------------------------------------
@@ -546,6 +590,18 @@ class JobStore(Store):
         s.add(FineTuningEvent(job_id=job.id, level="warn", message=message))
         if job.status == FAILED:
             _audit_end(s, job)
+
+
+def _audit_change(s: Session, job: FineTuningJob, what: str) -> None:
+    """The audit event of a job paused or resumed by its owner (``fine_tuning.job.<what>``)."""
+    audit.record(
+        s,
+        f"tenant:{job.tenant_id}",
+        f"fine_tuning.job.{what}",
+        f"job:{job.id}",
+        tenant_id=job.tenant_id,
+        after={"status": job.status},
+    )
 
 
 def _audit_end(s: Session, job: FineTuningJob) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from registry import DATABASE_DOWN, PRODUCTION, NotFound, Provenance, Registry
 from registry.drift import DriftStore, PromptSketch, prompts_of, sketch_prompts
-from registry.jobs import FineTuningJob, JobStore, TrainedVersion, job_actor
+from registry.jobs import PAUSED, RESTARTS, FineTuningJob, JobStore, TrainedVersion, job_actor
 from registry.registry import Score
 from registry.retraining import RetrainingStore, init_version
 from registry.upgrades import EVALUATION, UpgradeStore
@@ -183,8 +183,9 @@ class Worker:
         try:
             with self._heartbeating(job) as lost:
                 self._execute(job, lost)
-        except (TrainingCancelled, JobLost):
-            log.info("job %s is no longer ours (cancelled or reaped); dropped it", job.id)
+        except (TrainingCancelled, JobLost) as exc:
+            log.info("job %s is no longer ours (cancelled, paused or reaped); dropped it", job.id)
+            self._say_if_paused(job, exc)
         except DATABASE_DOWN as exc:
             # Not the job's fault: its heartbeats stop, and the reaper gives it another attempt.
             log.warning(
@@ -203,6 +204,14 @@ class Worker:
             )
         finally:
             shutil.rmtree(self._scratch(job), ignore_errors=True)
+
+    def _say_if_paused(self, job: FineTuningJob, exc: Exception) -> None:
+        """An event on a job paused under this worker: where training stopped, and that
+        nothing of it is kept (a resumed job trains from the start)."""
+        with contextlib.suppress(*DATABASE_DOWN):  # the pause event already says the rest
+            if self.store.get_job(None, job.id).status == PAUSED:
+                where = str(exc) if isinstance(exc, TrainingCancelled) else "training stopped"
+                self.store.add_event(job.id, f"Paused: {where}; nothing kept, {RESTARTS}")
 
     def _scratch(self, job: FineTuningJob) -> Path:
         return self.options.work_dir / job.id

@@ -1,10 +1,10 @@
 """OpenAI-compatible files and fine-tuning jobs API (tenant routes).
 
 ``POST /v1/files`` stores a JSONL training file (checked line by line at upload);
-``/v1/fine_tuning/jobs`` creates, lists, retrieves and cancels jobs and lists their
-events and checkpoints, in the object shapes the official ``openai`` client parses.
-Workers (``loraplex worker``) run the jobs. A foreign id is answered exactly like an
-unknown one.
+``/v1/fine_tuning/jobs`` creates, lists, retrieves, cancels, pauses and resumes jobs (a
+resumed job trains again from the start) and lists their events and checkpoints, in
+the object shapes the official ``openai`` client parses. Workers (``loraplex worker``)
+run the jobs. A foreign id is answered exactly like an unknown one.
 
 ``model`` is a registered base, or one of the tenant's adapters: ``name`` (its production
 version), ``name@N`` or ``name:N`` (version N; ``name@N`` is what a job's
@@ -458,6 +458,22 @@ def cancel_job(
     job_id: str, request: Request, principal: TenantPrincipal, store: Jobs
 ) -> dict[str, Any]:
     return job_json(store.cancel(_tenant_id(principal), job_id), registry_of(request))
+
+
+@routes.post("/v1/fine_tuning/jobs/{job_id}/pause")
+def pause_job(
+    job_id: str, request: Request, principal: TenantPrincipal, store: Jobs
+) -> dict[str, Any]:
+    """Pause a queued or running job (a running one stops at its worker's next heartbeat)."""
+    return job_json(store.pause(_tenant_id(principal), job_id), registry_of(request))
+
+
+@routes.post("/v1/fine_tuning/jobs/{job_id}/resume")
+def resume_job(
+    job_id: str, request: Request, principal: TenantPrincipal, store: Jobs
+) -> dict[str, Any]:
+    """Re-queue a paused job; its training restarts from the start."""
+    return job_json(store.resume(_tenant_id(principal), job_id), registry_of(request))
 
 
 def _event_cursor(after: str | None) -> int | None:

@@ -29,6 +29,7 @@ from registry import PRODUCTION, AdapterVersion, LocalBlobStore, NotFound
 from registry.jobs import (
     CANCELLED,
     FAILED,
+    PAUSED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
@@ -467,6 +468,33 @@ def test_cancelling_a_running_job_stops_training_and_registers_nothing(bench: Be
     assert not worker.is_alive()
     assert bench.job(job.id).status == CANCELLED
     assert bench.registry.list_adapters(bench.tenant_id) == []
+
+
+def test_pausing_a_running_job_stops_training_and_resuming_queues_it_from_the_start(
+    bench: Bench,
+) -> None:
+    job = bench.submit(fixed_answer_records(40), hyperparameters={"eval_every": 1, "epochs": 30})
+    worker = threading.Thread(target=bench.worker().run_once)
+    worker.start()
+    try:
+        _wait_for_training(bench, job.id, timeout=60)
+        bench.store.pause(bench.tenant_id, job.id)
+    finally:
+        worker.join(timeout=60)
+    assert not worker.is_alive()  # stopped at its next heartbeat, not after 30 epochs
+    paused = bench.job(job.id)
+    assert (paused.status, paused.attempts) == (PAUSED, 0)  # a pause is not a lost attempt
+    assert bench.registry.list_adapters(bench.tenant_id) == []
+    assert bench.worker().run_once() is None  # a paused job is not claimed
+    assert bench.store.reap(_later()) == []  # nor reaped
+    messages = [e.message for e in bench.store.events(bench.tenant_id, job.id, limit=100)]
+    assert messages[0].startswith("Paused: training stopped on request at step ")
+    assert "training restarts from the start" in messages[0]
+    pause = "Job paused (running): its worker stops at its next heartbeat"
+    assert any(m.startswith(pause) for m in messages)  # steps until then log after it
+    assert bench.store.resume(bench.tenant_id, job.id).status == QUEUED
+    claimed = bench.store.claim("w-next", [bench.base.fingerprint])
+    assert claimed is not None and claimed.id == job.id and claimed.attempts == 1
 
 
 STILL = {"learning_rate": 1e-12}

@@ -218,6 +218,8 @@ def test_foreign_ids_look_exactly_like_unknown_ones(acme: OpenAI, globex: OpenAI
     calls = [
         lambda j: globex.fine_tuning.jobs.retrieve(j),
         lambda j: globex.fine_tuning.jobs.cancel(j),
+        lambda j: globex.fine_tuning.jobs.pause(j),
+        lambda j: globex.fine_tuning.jobs.resume(j),
         lambda j: globex.fine_tuning.jobs.list_events(j),
         lambda j: globex.fine_tuning.jobs.checkpoints.list(j),
     ]
@@ -241,6 +243,39 @@ def test_cancel_then_cancel_again(acme: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="already finished"):
         acme.fine_tuning.jobs.cancel(job.id)
     assert acme.fine_tuning.jobs.list_events(job.id).data[0].message == "Job cancelled"
+
+
+def test_a_paused_job_is_not_claimed_and_resumed_it_trains_from_the_start(
+    acme: OpenAI, registry: Registry, base: BaseModelRecord, chat_base: Path, tmp_path: Path
+) -> None:
+    file_id = _upload(acme, jsonl(fixed_answer_records(20)))
+    job = acme.fine_tuning.jobs.create(model="tiny-chat", training_file=file_id, suffix="p-bot")
+    with pytest.raises(openai.BadRequestError, match="only paused jobs can be resumed"):
+        acme.fine_tuning.jobs.resume(job.id)
+    assert acme.fine_tuning.jobs.pause(job.id).status == "paused"
+    with pytest.raises(openai.BadRequestError, match="only queued or running jobs can be paused"):
+        acme.fine_tuning.jobs.pause(job.id)
+    options = WorkerOptions(chat_base, base.fingerprint, tmp_path / "work", FAST, 0.1, 0.5)
+    worker = Worker(JobStore(registry), options)
+    assert worker.run_once() is None  # paused: left in place
+    assert acme.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert acme.fine_tuning.jobs.resume(job.id).status == "queued"
+    assert worker.run_once() is not None
+    done = acme.fine_tuning.jobs.retrieve(job.id)
+    assert (done.status, done.fine_tuned_model) == ("succeeded", "p-bot"), done.error
+    messages = [e.message for e in acme.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert "Job resumed: re-queued; training restarts from the start" in "\n".join(messages)
+    assert any(m.startswith("Job paused (queued): resuming re-queues it") for m in messages)
+    with pytest.raises(openai.BadRequestError, match="succeeded; only queued or running"):
+        acme.fine_tuning.jobs.pause(job.id)
+
+
+def test_a_paused_job_can_be_cancelled(acme: OpenAI) -> None:
+    job = acme.fine_tuning.jobs.create(
+        model="tiny-chat", training_file=_upload(acme, jsonl(fixed_answer_records(5)))
+    )
+    acme.fine_tuning.jobs.pause(job.id)
+    assert acme.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
 
 def test_missing_or_bad_keys_are_refused(http: TestClient, base: BaseModelRecord) -> None:
