@@ -456,33 +456,31 @@ def test_dpo_jobs_with_a_validation_file_and_a_schema(bench: Bench) -> None:
     assert (f"{TEST_SUITE}/base", "format_compliance") in stored
 
 
-def test_cancelling_a_running_job_stops_training_and_registers_nothing(bench: Bench) -> None:
+def _interrupted(bench: Bench, interrupt: Callable[[int, str], object]) -> FineTuningJob:
+    """A long job, ``interrupt``-ed (tenant id, job id) once it trains; the worker must
+    stop at its next heartbeat, not after 30 epochs."""
     job = bench.submit(fixed_answer_records(40), hyperparameters={"eval_every": 1, "epochs": 30})
     worker = threading.Thread(target=bench.worker().run_once)
     worker.start()
     try:
         _wait_for_training(bench, job.id, timeout=60)
-        bench.store.cancel(bench.tenant_id, job.id)
+        interrupt(bench.tenant_id, job.id)
     finally:
         worker.join(timeout=60)
     assert not worker.is_alive()
-    assert bench.job(job.id).status == CANCELLED
+    return bench.job(job.id)
+
+
+def test_cancelling_a_running_job_stops_training_and_registers_nothing(bench: Bench) -> None:
+    assert _interrupted(bench, bench.store.cancel).status == CANCELLED
+    assert bench.registry.list_adapters(bench.tenant_id) == []
     assert bench.registry.list_adapters(bench.tenant_id) == []
 
 
 def test_pausing_a_running_job_stops_training_and_resuming_queues_it_from_the_start(
     bench: Bench,
 ) -> None:
-    job = bench.submit(fixed_answer_records(40), hyperparameters={"eval_every": 1, "epochs": 30})
-    worker = threading.Thread(target=bench.worker().run_once)
-    worker.start()
-    try:
-        _wait_for_training(bench, job.id, timeout=60)
-        bench.store.pause(bench.tenant_id, job.id)
-    finally:
-        worker.join(timeout=60)
-    assert not worker.is_alive()  # stopped at its next heartbeat, not after 30 epochs
-    paused = bench.job(job.id)
+    paused = job = _interrupted(bench, bench.store.pause)
     assert (paused.status, paused.attempts) == (PAUSED, 0)  # a pause is not a lost attempt
     assert bench.registry.list_adapters(bench.tenant_id) == []
     assert bench.worker().run_once() is None  # a paused job is not claimed
