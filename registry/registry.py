@@ -67,6 +67,10 @@ class Score:
     dataset_sha256: str | None = None
 
 
+GATE_FAILED = "adapter.gate_failed"
+"""The audit action of a promote the gates refused (``Registry.promote``)."""
+
+
 class Registry(TenancyMixin, BasesMixin, ServingMixin):
     """Adapters, versions, bases, tenants, keys, lifecycle and audit, on SQL + a blob store."""
 
@@ -384,11 +388,21 @@ class Registry(TenancyMixin, BasesMixin, ServingMixin):
     def promote(
         self, tenant_id: int, name: str, number: int, actor: Actor, override: bool = False
     ) -> AdapterVersion:
-        """Point ``production`` at a version; gates must pass unless an admin overrides."""
-        with self._write() as s:
-            adapter = self._adapter(s, tenant_id, name, lock=True)
-            version = self._version(s, adapter, number)
-            self.promote_in(s, adapter, version, actor, override)
+        """Point ``production`` at a version; gates must pass unless an admin overrides.
+        A refusal by the gates is recorded (``adapter.gate_failed``, a public event) in a
+        transaction of its own, as the refused change itself writes nothing."""
+        try:
+            with self._write() as s:
+                adapter = self._adapter(s, tenant_id, name, lock=True)
+                version = self._version(s, adapter, number)
+                self.promote_in(s, adapter, version, actor, override)
+        except GateFailed as refused:
+            with self._write() as s:
+                adapter = self._adapter(s, tenant_id, name)
+                after = {"version": number, "failed_gates": refused.failures}
+                subject = self._subject(s, adapter, number)
+                audit.record(s, actor.name, GATE_FAILED, subject, tenant_id=tenant_id, after=after)
+            raise
         return version
 
     def promote_in(

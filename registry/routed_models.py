@@ -59,7 +59,7 @@ SAVE, PROMOTE, ROLLBACK, DELETE = (
     "routed_model.rollback",
     "routed_model.delete",
 )
-GATES, EVAL = "routed_model.gates", "routed_model.eval"
+GATES, EVAL, GATE_FAILED = "routed_model.gates", "routed_model.eval", "routed_model.gate_failed"
 """Audit actions (``registry.events`` makes all but ``EVAL`` public events)."""
 CREATE = "routed_model.create"
 """History action of a new routed model's first version going live (not an audit action)."""
@@ -613,7 +613,20 @@ class RoutedModelStore(Store):
     def promote(
         self, tenant_id: int, name: str, number: int, actor: Actor, override: bool = False
     ) -> RoutedVersion:
-        """Make version ``number`` live; its gates must pass unless an admin overrides."""
+        """Make version ``number`` live; its gates must pass unless an admin overrides. A
+        refusal by the gates is recorded (a public event) in a transaction of its own."""
+        try:
+            return self._promote(tenant_id, name, number, actor, override)
+        except GateFailed as refused:
+            with self._write() as s:
+                model = self._model(s, tenant_id, name)
+                after = {"version": number, "failed_gates": refused.failures}
+                self._audit(s, model, actor, GATE_FAILED, number, after=after)
+            raise
+
+    def _promote(
+        self, tenant_id: int, name: str, number: int, actor: Actor, override: bool
+    ) -> RoutedVersion:
         with self._write() as s:
             model = self._model(s, tenant_id, name, lock=True)
             target = self._version_row(s, model, number)

@@ -17,6 +17,7 @@ from registry import (
     Registry,
     Tenant,
 )
+from registry.events import EventLog
 
 USER = Actor("key:7")
 
@@ -51,6 +52,14 @@ def test_missing_eval_results_fail_every_gate(registry: Registry, gated: int) ->
     ]
     assert registry.aliases(gated, "bot") == {}
     assert registry.audit_log(action="adapter.promote") == []
+    # The refusal itself is recorded, as a public event the owner's webhooks can get.
+    (event,) = EventLog(registry).read(gated, types=["adapter.gate.failed"])
+    assert (event.data["adapter"], event.data["version"], event.data["actor"]) == (
+        "bot",
+        1,
+        "key:7",
+    )
+    assert event.data["after"]["failed_gates"] == caught.value.failures
 
 
 def test_thresholds_and_regression_against_production(registry: Registry, gated: int) -> None:
