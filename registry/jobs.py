@@ -108,6 +108,10 @@ class FineTuningJob(SQLModel, table=True):
     """The dataset version the training file is, when it is one (set at creation)."""
     init_version_id: int | None = Field(default=None, foreign_key="adapter_versions.id")
     """The adapter version whose weights training starts from; None: a new adapter."""
+    servable_checkpoints: bool = False
+    """Register the run's kept checkpoints as unpromoted versions of the adapter with its
+    result, so each is served as ``name@N``. Off by default: a job otherwise ends as one
+    version (or none), which retraining, base upgrades and quotas count on."""
     result: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     """Eval metrics and training summary, saved before registration so a re-run can reuse them."""
     worker_id: str | None = Field(default=None, max_length=128)
@@ -155,6 +159,10 @@ class TrainedVersion:
     """Why the worker found the version no better than the base or production (with the
     numbers). Such a version is promoted only by passing the adapter's gates: with no
     gates, it stays unpromoted."""
+    checkpoints: tuple[tuple[int, StagedVersion], ...] = ()
+    """(step, staged weights) of the run's kept checkpoints: each registers as a version
+    of the adapter, never promoted, served as ``name@N`` (the job's ``result`` maps each
+    step to its number under ``checkpoints``)."""
 
 
 def job_actor(job_id: str) -> Actor:
@@ -510,11 +518,29 @@ class JobStore(Store):
             staged, provenance = trained.staged, trained.provenance
             version = self.registry.push_in(s, staged, actor, provenance, trained.description)
             self._event(s, job_id, f"Registered {job.adapter_name} version {version.number}")
+            served = self._checkpoint_versions(s, job, trained, actor)
             self._score(s, version, trained, actor)
             job.fine_tuned_model = self._promote(s, job, version, trained, actor)
-            job.result, job.finished_at = trained.result, utcnow()
+            job.result, job.finished_at = {**trained.result, "checkpoints": served}, utcnow()
             self._end(s, job, SUCCEEDED)
         return job.fine_tuned_model
+
+    def _checkpoint_versions(
+        self, s: Session, job: FineTuningJob, trained: TrainedVersion, actor: Actor
+    ) -> dict[str, int]:
+        """Register the kept checkpoints after the result (which keeps the number a job's
+        version always had; a checkpoint holding its weights is that version), unpromoted:
+        step -> version number. In the job's transaction: a killed job leaves none."""
+        served: dict[str, int] = {}
+        if not job.servable_checkpoints:
+            return served
+        for step, staged in trained.checkpoints:
+            version = self.registry.push_in(s, staged, actor, trained.provenance)
+            served[str(step)] = version.number
+        if served:
+            names = ", ".join(f"step {k}: {job.adapter_name}@{n}" for k, n in served.items())
+            self._event(s, job.id, f"Checkpoints registered as servable versions ({names})")
+        return served
 
     def _score(
         self, s: Session, version: AdapterVersion, trained: TrainedVersion, actor: Actor

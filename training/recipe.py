@@ -36,6 +36,10 @@ from training.data import DatasetError, Example
 from training.losses import collate, dpo_loss, mean_answer_loss, sequence_logprobs
 from training.render import Tokenized, preference_turns, tokenize_example, tokenize_turn
 
+KEEP_CHECKPOINTS = 3
+"""Evaluation steps whose weights a run keeps as servable checkpoints (the last ones,
+as OpenAI keeps its last three epochs')."""
+
 
 class TrainingCancelled(RuntimeError):
     """``should_stop`` asked training to end; nothing was saved."""
@@ -153,6 +157,8 @@ class LoRARecipe:
         self.on_step = on_step or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
         self._best: dict[str, torch.Tensor] | None = None
+        self._kept: list[tuple[int, dict[str, torch.Tensor]]] = []
+        """The last ``KEEP_CHECKPOINTS`` evaluation steps' weights, oldest first."""
 
     # -- setup ----------------------------------------------------------------
 
@@ -313,9 +319,11 @@ class LoRARecipe:
             return report, True
         loss = self.evaluate()
         improved = result.best_validation_loss is None or loss < result.best_validation_loss
+        snapshot = self._snapshot()
+        self._kept = [*self._kept, (report.step, snapshot)][-KEEP_CHECKPOINTS:]
         if improved:
             result.best_validation_loss, result.best_step = loss, report.step
-            self._best = self._snapshot()
+            self._best = snapshot
         return StepReport(
             **{**report.__dict__, "validation_loss": loss, "is_best": improved}
         ), improved
@@ -340,12 +348,30 @@ class LoRARecipe:
         return sum(losses) / max(1, len(items))
 
     def save(self, out_dir: Path) -> Path:
-        """Write the best adapter as stock PEFT files (config + safetensors) into ``out_dir``."""
+        """Write the best adapter as stock PEFT files (config + safetensors) into ``out_dir``,
+        and the kept checkpoints beside it (``checkpoint_dirs``)."""
         if self._best is None:
             raise RuntimeError("nothing to save: call train() first")
-        set_peft_model_state_dict(self.model, self._best)
         out_dir = Path(out_dir)
+        for step, weights in self._kept:
+            self._write(weights, _checkpoints_dir(out_dir) / f"step-{step}")
+        return self._write(self._best, out_dir)
+
+    def _write(self, weights: dict[str, torch.Tensor], out_dir: Path) -> Path:
+        set_peft_model_state_dict(self.model, weights)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(out_dir), safe_serialization=True)
         (out_dir / "README.md").unlink(missing_ok=True)
         return out_dir
+
+
+def _checkpoints_dir(adapter_dir: Path) -> Path:
+    return adapter_dir.with_name(f"{adapter_dir.name}-checkpoints")
+
+
+def checkpoint_dirs(adapter_dir: Path) -> list[tuple[int, Path]]:
+    """(step, PEFT files) of the checkpoints ``LoRARecipe.save`` wrote beside the adapter
+    it saved into ``adapter_dir``, oldest first."""
+    found = _checkpoints_dir(adapter_dir)
+    steps = sorted(int(p.name[5:]) for p in found.glob("step-*")) if found.is_dir() else []
+    return [(step, found / f"step-{step}") for step in steps]

@@ -33,7 +33,7 @@ from typing import Any
 from registry import DATABASE_DOWN, PRODUCTION, NotFound, Provenance, Registry
 from registry.drift import DriftStore, PromptSketch, prompts_of, sketch_prompts
 from registry.jobs import PAUSED, RESTARTS, FineTuningJob, JobStore, TrainedVersion, job_actor
-from registry.registry import Score
+from registry.registry import Score, StagedVersion
 from registry.retraining import RetrainingStore, init_version
 from registry.upgrades import EVALUATION, UpgradeStore
 from registry.workers import WorkerRoster
@@ -52,7 +52,7 @@ from training.pipeline import (
     run_training,
 )
 from training.promotion import exact_match_decides, verdict
-from training.recipe import StepReport, TrainingCancelled, init_overrides
+from training.recipe import StepReport, TrainingCancelled, checkpoint_dirs, init_overrides
 from training.render import TemplateError, reference_answer
 from training.schema import RegexError
 
@@ -380,7 +380,25 @@ class Worker:
         if judged.better:
             self.store.add_event(job.id, f"Better than what clients get now: {judged.summary}")
         not_better = None if judged.better else judged.summary
-        return TrainedVersion(staged, provenance, description, result, _scores(result), not_better)
+        checkpoints = self._staged_checkpoints(job, outcome)
+        return TrainedVersion(
+            staged, provenance, description, result, _scores(result), not_better, checkpoints
+        )
+
+    def _staged_checkpoints(
+        self, job: FineTuningJob, outcome: RunOutcome
+    ) -> tuple[tuple[int, StagedVersion], ...]:
+        """The run's kept checkpoints staged as the adapter's (registered with the result),
+        when the job asked for servable checkpoints."""
+        staged: list[tuple[int, StagedVersion]] = []
+        if not job.servable_checkpoints:
+            return ()
+        for step, path in checkpoint_dirs(outcome.adapter_dir):
+            stage = self.registry.stage_adapter(
+                job.tenant_id, job.adapter_name, path, job.base_fingerprint
+            )
+            staged.append((step, stage))
+        return tuple(staged)
 
     def _training_content(self, job: FineTuningJob) -> bytes:
         return self.store.file_content(self.store.get_file(job.tenant_id, job.training_file))

@@ -18,7 +18,10 @@ Extensions beyond OpenAI's request body (send them with ``extra_body``): any
 ``TrainConfig`` field in ``hyperparameters`` (``r``, ``alpha``, ``learning_rate``...)
 ``json_schema``, a JSON schema the answers must follow (scored as format
 compliance on the test split), and ``answer_regex``, a regular expression (at most 1024
-characters) the answers must match in full (scored as ``regex_match``).
+characters) the answers must match in full (scored as ``regex_match``), and
+``servable_checkpoints`` (true): the run's last three checkpoints register, unpromoted,
+as versions of the adapter with its result, and each checkpoint's
+``fine_tuned_model_checkpoint`` is then the ``name@N`` the gateway serves.
 
 No ``from __future__ import annotations`` here: FastAPI must evaluate the
 dependency annotations of the route functions at definition time.
@@ -109,6 +112,7 @@ def job_json(job: FineTuningJob, registry: Registry | None = None) -> dict[str, 
     given the registry, its lineage (``dataset_version``, ``init_version``, or None)."""
     shown = {**_openai_job(job), "adapter_name": job.adapter_name, "result": job.result}
     shown["answer_regex"] = job.answer_regex
+    shown["servable_checkpoints"] = job.servable_checkpoints
     if registry is not None:
         links = job_links(registry, job)
         dataset, init = links.dataset_version, links.init_version
@@ -164,12 +168,19 @@ def event_json(event: FineTuningEvent) -> dict[str, Any]:
     }
 
 
+def _checkpoint_model(job: FineTuningJob, step: int) -> str:
+    """``name@N``, the version a kept checkpoint registered as when its job succeeded (the
+    gateway serves it); ``name:step-N`` names one not kept (nothing serves that)."""
+    number = ((job.result or {}).get("checkpoints") or {}).get(str(step))
+    return f"{job.adapter_name}@{number}" if number else f"{job.adapter_name}:step-{step}"
+
+
 def checkpoint_json(job: FineTuningJob, checkpoint: FineTuningCheckpoint) -> dict[str, Any]:
     return {
         "id": f"ftckpt-{checkpoint.id}",
         "object": "fine_tuning.job.checkpoint",
         "created_at": _unix(checkpoint.created_at),
-        "fine_tuned_model_checkpoint": f"{job.adapter_name}:step-{checkpoint.step}",
+        "fine_tuned_model_checkpoint": _checkpoint_model(job, checkpoint.step),
         "fine_tuning_job_id": job.id,
         "metrics": checkpoint.metrics,
         "step_number": checkpoint.step,
@@ -271,6 +282,7 @@ class JobBody(BaseModel):
     seed: int | None = None
     json_schema: dict[str, Any] | None = None
     answer_regex: str | None = None
+    servable_checkpoints: bool = False
     metadata: dict[str, str] | None = None
 
 
@@ -418,6 +430,7 @@ def create_job(
         adapter_name=_target_adapter(body, base, init, job_id),
         dataset_version_id=None if dataset is None else dataset.id,
         init_version_id=None if init is None else init.id,
+        servable_checkpoints=body.servable_checkpoints,
     )
     created = store.create_job(job)
     if not WorkerRoster(registry).serving(base.fingerprint):

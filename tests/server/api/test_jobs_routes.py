@@ -32,6 +32,7 @@ from tests.training.training_testdata import (
     jsonl,
     preference_records,
 )
+from training.recipe import KEEP_CHECKPOINTS
 from training.worker import Worker, WorkerOptions
 
 ROOT = Actor("test-root", admin=True)
@@ -85,6 +86,7 @@ def test_a_job_runs_from_upload_to_a_usable_model(
         suffix="banana-bot",
         seed=3,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+        extra_body={"servable_checkpoints": True},
     )
     assert (job.status, job.model, job.seed, job.fine_tuned_model) == (
         "queued", "tiny-chat", 3, None
@@ -110,7 +112,51 @@ def test_a_job_runs_from_upload_to_a_usable_model(
     assert any(e.type == "metrics" for e in events)
     checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].fine_tuning_job_id == job.id
+    _assert_servable_checkpoints(registry, tenant_id, checkpoints)
     assert [j.id for j in acme.fine_tuning.jobs.list()] == [job.id]
+    # A served checkpoint is a model a job can continue (OpenAI's fine-tuning a checkpoint).
+    oldest = checkpoints[KEEP_CHECKPOINTS - 1].fine_tuned_model_checkpoint
+    again = acme.fine_tuning.jobs.create(model=oldest, training_file=file_id)
+    assert again.model_extra is not None and again.model_extra["init_version"] == {
+        "adapter": "banana-bot", "version": int(oldest.partition("@")[2])
+    }  # fmt: skip
+
+
+def _assert_servable_checkpoints(registry: Registry, tenant_id: int, checkpoints: Any) -> None:
+    """The last three checkpoints name registered versions of the adapter (``banana-bot@N``,
+    a name the gateway serves), after the result's and never promoted; older ones name
+    nothing served."""
+    kept, older = checkpoints[:KEEP_CHECKPOINTS], checkpoints[KEEP_CHECKPOINTS:]
+    assert len(kept) == KEEP_CHECKPOINTS
+    numbers = []
+    for checkpoint in kept:
+        name, _, number = checkpoint.fine_tuned_model_checkpoint.partition("@")
+        assert (name, registry.get_version(tenant_id, name, int(number)).number) == (
+            "banana-bot", int(number)
+        )  # fmt: skip
+        numbers.append(int(number))
+    # The result is version 1 (production); a checkpoint with its weights is version 1 too.
+    assert sorted(set(numbers) - {1}) == list(range(2, 2 + len(set(numbers) - {1})))
+    assert registry.aliases(tenant_id, "banana-bot")["production"].version == 1
+    for checkpoint in older:
+        assert checkpoint.fine_tuned_model_checkpoint == f"banana-bot:step-{checkpoint.step_number}"
+
+
+def test_by_default_a_job_registers_one_version_and_checkpoints_are_metrics(
+    acme: OpenAI, registry: Registry, base: BaseModelRecord, chat_base: Path, tmp_path: Path
+) -> None:
+    file_id = _upload(acme, jsonl(fixed_answer_records(30)))
+    job = acme.fine_tuning.jobs.create(model="tiny-chat", training_file=file_id, suffix="one")
+    options = WorkerOptions(chat_base, base.fingerprint, tmp_path / "work", FAST, 0.1, 0.5)
+    assert Worker(JobStore(registry), options).run_once() is not None
+    assert (job.model_extra or {})["servable_checkpoints"] is False
+    tenant_id = registry.get_tenant("acme").id
+    assert tenant_id is not None
+    assert [v.number for v in registry.list_versions(tenant_id, "one")] == [1]
+    checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints
+    for checkpoint in checkpoints:
+        assert checkpoint.fine_tuned_model_checkpoint == f"one:step-{checkpoint.step_number}"
 
 
 def test_without_a_suffix_the_model_is_named_after_the_base(acme: OpenAI) -> None:
