@@ -135,7 +135,7 @@ def time_rules(config: RoutingBenchConfig) -> dict[str, Any]:
     for _ in range(config.passes):
         for text, body in zip(texts, bodies, strict=True):
             started = time.perf_counter_ns()
-            decision, _ = policy.by_rules(text)
+            decision = policy.by_rules(text)
             decide_us.append((time.perf_counter_ns() - started) / 1000)
             started = time.perf_counter_ns()
             policy.by_rules(router.RequestText.of(body))

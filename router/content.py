@@ -17,9 +17,10 @@ Targets are model names the tenant could send itself: one of its adapters (its
 production/canary split applies) or a base's served name; never another routed model.
 The registry checks that they are the tenant's own when a policy is saved.
 
-Tenants write the patterns, so every regular expression runs under a time limit
-(``REGEX_TIMEOUT``, the ``regex`` module's timeout) over at most ``MAX_SCANNED_CHARS`` of
-its field: a catastrophic pattern costs a bounded moment and counts as no match.
+Tenants write the patterns, so they run on RE2 (``google-re2``), whose matching takes time
+linear in the text whatever the pattern: no pattern can backtrack catastrophically. RE2
+has no lookarounds or backreferences; a pattern using them is refused when the policy is
+saved. A rule reads at most the last ``MAX_SCANNED_CHARS`` of its field.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import regex
+import re2
 
 from router.names import InvalidModelName, check_characters
 
@@ -52,8 +53,6 @@ MAX_INSTRUCTION_CHARS = 4096
 MAX_CLASSIFIER_TOKENS = 32
 MAX_SCANNED_CHARS = 8192
 """Characters of a field a rule reads: the last ones (a long conversation's end)."""
-REGEX_TIMEOUT = 0.005
-"""Seconds one rule's pattern may run on one request before it counts as no match."""
 DEFAULT_CLASSIFIER_TOKENS = 8
 DEFAULT_CACHE_SECONDS = 300.0
 
@@ -241,29 +240,17 @@ class RoutingPolicy:
         extra = [self.classifier.adapter] if self.classifier is not None else []
         return list(dict.fromkeys([*self.targets(), *extra]))
 
-    def by_rules(self, text: RequestText) -> tuple[RoutingDecision | None, int]:
-        """The first matching rule's decision (None when no rule matched: then the
-        classifier decides, or ``default_decision``), and how many rules' patterns ran out
-        of time on the way (each counted as no match)."""
-        timed_out = 0
+    def by_rules(self, text: RequestText) -> RoutingDecision | None:
+        """The first matching rule's decision; None when no rule matched (then the
+        classifier decides, or ``default_decision``)."""
         fields: dict[str, str] = {}  # each field read once, however many rules read it
         for index, (rule, matcher) in enumerate(zip(self.rules, self._compiled, strict=True)):
             value = fields.get(rule.field)
             if value is None:
                 value = fields[rule.field] = text.field(rule.field)[-MAX_SCANNED_CHARS:]
-            try:
-                # Keyword sets are escaped literals (linear time): only a tenant's own
-                # pattern pays for the time limit (about 1 µs a search).
-                if rule.pattern is None:
-                    found = matcher.search(value) is not None
-                else:
-                    found = matcher.search(value, timeout=REGEX_TIMEOUT) is not None
-            except TimeoutError:
-                timed_out += 1
-                continue
-            if found:
-                return RoutingDecision(rule.target, RoutingReason.RULE, rule=index + 1), timed_out
-        return None, timed_out
+            if matcher.search(value) is not None:
+                return RoutingDecision(rule.target, RoutingReason.RULE, rule=index + 1)
+        return None
 
     def by_label(self, answer: str, confidence: float | None = None) -> RoutingDecision:
         """The decision for the classifier's ``answer`` (and its probability, when known)."""
@@ -310,12 +297,33 @@ def answer_probability(logprobs: Iterable[float]) -> float:
     return math.exp(sum(logprobs))
 
 
+def _options() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # a tenant's invalid pattern is their 400, not our log line
+    return options
+
+
+_RE2_OPTIONS = _options()
+
+
 def _compile(rule: RoutingRule) -> Any:
     if rule.pattern is not None:
-        return regex.compile(rule.pattern)
+        return re2.compile(rule.pattern, _RE2_OPTIONS)
     words = sorted(rule.keywords, key=len, reverse=True)  # longest first: phrases win
-    alternatives = "|".join(regex.escape(w) for w in words)
-    return regex.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", regex.IGNORECASE)
+    alternatives = "|".join(re2.escape(w) for w in words)
+    # Whole words without lookarounds (RE2 has none): a non-word character or an end on
+    # each side; consuming it is harmless, as only whether it matches counts.
+    return re2.compile(rf"(?i)(?:^|\W)(?:{alternatives})(?:\W|$)", _RE2_OPTIONS)
+
+
+def _re2_problem(pattern: str) -> str | None:
+    """Why RE2 cannot compile ``pattern`` (in words), or None."""
+    try:
+        re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else "invalid"
+        return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+    return None
 
 
 def _rule_json(rule: RoutingRule) -> dict[str, Any]:
@@ -395,15 +403,17 @@ class _Parser:
     def _pattern(self, value: Any, where: str) -> str:
         if not isinstance(value, str) or not value:
             self.problems.append(f"{where} must be a non-empty string")
-            return "(?!)"
+            return "$^"
         if len(value) > MAX_PATTERN_CHARS:
             self.problems.append(f"{where} is {len(value)} characters; at most {MAX_PATTERN_CHARS}")
-            return "(?!)"
-        try:
-            regex.compile(value)
-        except regex.error as exc:
-            self.problems.append(f"{where} is not a valid regular expression: {exc}")
-            return "(?!)"
+            return "$^"
+        problem = _re2_problem(value)
+        if problem is not None:
+            self.problems.append(
+                f"{where} is not a valid regular expression for RE2 ({problem}); RE2 has "
+                "no lookarounds or backreferences"
+            )
+            return "$^"
         return value
 
     def _keywords(self, value: Any, where: str) -> tuple[str, ...]:

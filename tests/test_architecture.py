@@ -80,9 +80,10 @@ def test_registry_imports_nothing_internal() -> None:
     assert violations("registry", ()) == []
 
 
-PURE_LIBRARIES = {"regex"}
-"""Third-party libraries the router may use: computation only, no I/O (``regex``: routing
-rules run under a time limit, which the standard library's ``re`` cannot set)."""
+PURE_LIBRARIES = {"re2"}
+"""Third-party libraries the router may use: computation only, no I/O (``re2``: tenants'
+routing patterns must match in linear time, which the standard library's ``re`` cannot
+promise)."""
 
 
 def test_router_imports_only_the_standard_library() -> None:

@@ -269,10 +269,9 @@ def _suite_examples(path: str) -> list[tuple[router.RequestText, str]]:
     return examples
 
 
-def _decide(policy: router.RoutingPolicy, text: router.RequestText) -> tuple[str, int]:
-    """The target the policy's rules (or its default) choose, and the patterns timed out."""
-    decision, timed_out = policy.by_rules(text)
-    return (decision or policy.default_decision()).target, timed_out
+def _decide(policy: router.RoutingPolicy, text: router.RequestText) -> str:
+    """The target the policy's rules (or its default) choose."""
+    return (policy.by_rules(text) or policy.default_decision()).target
 
 
 def routed_eval(registry: Registry, args: argparse.Namespace) -> int:
@@ -289,8 +288,7 @@ def routed_eval(registry: Registry, args: argparse.Namespace) -> int:
         examples = _suite_examples(args.suite_file)
     except InputError as exc:
         return _refused(exc)
-    decided = [(expected, *_decide(policy, text)) for text, expected in examples]
-    table = router.confusion((expected, chosen) for expected, chosen, _ in decided)
+    table = router.confusion((expected, _decide(policy, text)) for text, expected in examples)
     accuracy = router.accuracy(table)
     store.record_eval(
         tenant_id, args.name, args.version, accuracy, len(examples), table, operator(),
@@ -298,9 +296,6 @@ def routed_eval(registry: Registry, args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"{args.name} version {args.version}: {args.suite} accuracy {accuracy:.3f} "
           f"on {len(examples)} examples (recorded)")  # fmt: skip
-    timed_out = sum(count for _, _, count in decided)
-    if timed_out:
-        print(f"{timed_out} rule pattern(s) ran out of time and counted as no match")
     print()
     _print_confusion(table)
     return 0

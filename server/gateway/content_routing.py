@@ -140,9 +140,7 @@ class ContentRouter:
     ) -> router.RoutingDecision:
         """Where this request goes: rules, then the classifier, then the default."""
         policy = routed.policy
-        decision, timed_out = policy.by_rules(text)
-        if timed_out:
-            self.metrics.routing_rule_timeouts_of(caller.tenant_name, routed.name).inc(timed_out)
+        decision = policy.by_rules(text)
         if decision is None:
             if policy.classifier is None:
                 decision = policy.default_decision()

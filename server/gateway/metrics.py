@@ -200,12 +200,6 @@ class Metrics:
             ["tenant", "routed_model", "reason", "label", "target"],
             registry=r,
         )
-        self.routing_rule_timeouts = Counter(
-            "loraplex_routing_rule_timeouts",
-            "Routing rules whose pattern ran out of time on a request (counted as no match).",
-            ["tenant", "routed_model"],
-            registry=r,
-        )
         self.routing_classifier_seconds = Histogram(
             "loraplex_routing_classifier_seconds",
             "Time a routed model's classifier decision took, by outcome (answered, cached: "
@@ -215,7 +209,6 @@ class Metrics:
             registry=r,
         )
         self.routing_decisions_of = Children(self.routing_decisions)
-        self.routing_rule_timeouts_of = Children(self.routing_rule_timeouts)
         self.routing_classifier_seconds_of = Children(self.routing_classifier_seconds)
 
     def forget_engine(self, engine: str) -> None:

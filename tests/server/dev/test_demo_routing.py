@@ -44,13 +44,13 @@ def test_a_desk_trains_on_its_own_intent_with_its_reply() -> None:
 def test_the_policy_parses_and_its_rules_decide_the_rule_messages() -> None:
     policy = router.RoutingPolicy.from_json(routing_policy(NAMES, "clf", "base"))
     decided = [
-        policy.by_rules(router.RequestText(text, metadata=meta or {}))[0]
+        policy.by_rules(router.RequestText(text, metadata=meta or {}))
         for text, meta in RULE_MESSAGES
     ]
     assert [d.target if d else None for d in decided] == ["b-desk", "s-desk", "r-desk"]
     split = split_messages(intent_records(10_000))
     # the held-out messages are the classifier's to decide, not a rule's
-    assert all(policy.by_rules(router.RequestText(r["prompt"]))[0] is None for r in split.held_out)
+    assert all(policy.by_rules(router.RequestText(r["prompt"])) is None for r in split.held_out)
     assert policy.by_label('{"intent": "refund"}').target == "r-desk"
 
 
