@@ -325,6 +325,8 @@ def test_foreign_files_jobs_events_and_checkpoints_say_unknown(
     for call in [
         ("GET", "/v1/fine_tuning/jobs/{}", None),
         ("POST", "/v1/fine_tuning/jobs/{}/cancel", None),
+        ("POST", "/v1/fine_tuning/jobs/{}/pause", None),
+        ("POST", "/v1/fine_tuning/jobs/{}/resume", None),
         ("GET", "/v1/fine_tuning/jobs/{}/events", None),
         ("GET", "/v1/fine_tuning/jobs/{}/events?after=ftevent-1000", None),
         ("GET", "/v1/fine_tuning/jobs/{}/checkpoints", None),
