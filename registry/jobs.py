@@ -521,7 +521,8 @@ class JobStore(Store):
             served = self._checkpoint_versions(s, job, trained, actor)
             self._score(s, version, trained, actor)
             job.fine_tuned_model = self._promote(s, job, version, trained, actor)
-            job.result, job.finished_at = {**trained.result, "checkpoints": served}, utcnow()
+            shown = {"checkpoints": served} if served else {}  # only a servable-checkpoints job's
+            job.result, job.finished_at = {**trained.result, **shown}, utcnow()
             self._end(s, job, SUCCEEDED)
         return job.fine_tuned_model
 

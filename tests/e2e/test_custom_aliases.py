@@ -21,6 +21,17 @@ NAME = "alias-bot"
 
 
 @pytest.fixture(scope="module")
+def acme(registry: Registry) -> TenantKeys:
+    """A tenant of this module's own: the session's acme lists its adapters elsewhere."""
+    return make_tenant(registry, "alias-co")
+
+
+@pytest.fixture(scope="module")
+def client(gateway: ServeProcess, acme: TenantKeys) -> OpenAI:
+    return OpenAI(base_url=gateway.url + "/v1", api_key=acme.key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
 def staged(
     gateway: ServeProcess,
     registry: Registry,
@@ -28,7 +39,7 @@ def staged(
     demo_base: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """acme's alias-bot: v1 in production, v2 under the custom alias ``staging``."""
+    """alias-co's alias-bot: v1 in production, v2 under the custom alias ``staging``."""
     root = tmp_path_factory.mktemp(NAME)
     for seed in (11, 12):
         weights = build_adapter(demo_base, root / f"s{seed}", seed=seed, r=8)
